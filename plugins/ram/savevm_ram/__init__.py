@@ -1,0 +1,1 @@
+"""savevm ram plugin."""

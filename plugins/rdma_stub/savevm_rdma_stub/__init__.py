@@ -1,0 +1,1 @@
+"""savevm rdma_stub plugin."""

@@ -1,0 +1,180 @@
+"""tcp and unix socket transports (QEMU's ``tcp:HOST:PORT`` and ``unix:PATH``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+
+from savevm.channels.base import Buffer
+from savevm.errors import ChannelError, URIError
+
+#: Linux IOV_MAX.
+IOV_MAX = 1024
+SOCK_BUF = 4 << 20
+
+
+class SocketChannel:
+    """A connected stream socket; writes use ``sendmsg`` with many iovecs."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self._closed = False
+
+    def writev(self, bufs: Sequence[Buffer]) -> int:
+        total = 0
+        pending = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
+        pending = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in pending]
+        i = 0
+        while i < len(pending):
+            batch = pending[i : i + IOV_MAX]
+            sent = self.sock.sendmsg(batch)
+            total += sent
+            # advance over fully sent buffers; trim a partial one
+            while sent > 0:
+                n = pending[i].nbytes
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    pending[i] = pending[i][sent:]
+                    sent = 0
+            while i < len(pending) and pending[i].nbytes == 0:
+                i += 1
+        return total
+
+    def readinto(self, buf: memoryview) -> int:
+        return self.sock.recv_into(buf)
+
+    def shutdown(self) -> None:
+        """Unblock a reader or writer on another thread (used by cancel)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[V6]:PORT``; raises URIError."""
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+    else:
+        host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise URIError(f"tcp:{address}", "expected tcp:HOST:PORT with a port 0-65535")
+    return host, int(port)
+
+
+class SocketListener:
+    """A listening socket; ``uri`` names the bound address (real port for :0)."""
+
+    def __init__(self, sock: socket.socket, uri: str) -> None:
+        self.sock = sock
+        self.uri = uri
+        self._cleanup_path: str | None = None
+
+    def accept(self, timeout: float | None = None) -> SocketChannel:
+        self.sock.settimeout(timeout)
+        try:
+            conn, peer = self.sock.accept()
+        except TimeoutError as exc:
+            raise ChannelError(f"no incoming connection on {self.uri} within {timeout}s") from exc
+        except OSError as exc:
+            raise ChannelError(f"accept on {self.uri} failed: {exc}") from exc
+        conn.settimeout(None)
+        _tune(conn)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return SocketChannel(conn, f"{self.uri} <- {peer!r}")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            if self._cleanup_path:
+                try:
+                    os.unlink(self._cleanup_path)
+                except OSError:
+                    pass
+                self._cleanup_path = None
+
+
+class TcpTransport:
+    """``tcp:HOST:PORT``."""
+
+    scheme = "tcp"
+
+    def connect(self, address: str) -> SocketChannel:
+        host, port = parse_host_port(address)
+        try:
+            sock = socket.create_connection((host, port))
+        except OSError as exc:
+            raise ChannelError(f"cannot connect to tcp:{address}: {exc}") from exc
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(sock)
+        return SocketChannel(sock, f"tcp:{address}")
+
+    def listen(self, address: str) -> SocketListener:
+        host, port = parse_host_port(address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _tune(sock)
+        try:
+            sock.bind((host, port))
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise ChannelError(f"cannot listen on tcp:{address}: {exc}") from exc
+        real_port = sock.getsockname()[1]
+        h = f"[{host}]" if family == socket.AF_INET6 else host
+        return SocketListener(sock, f"tcp:{h}:{real_port}")
+
+
+class UnixTransport:
+    """``unix:PATH``."""
+
+    scheme = "unix"
+
+    def connect(self, address: str) -> SocketChannel:
+        if not address:
+            raise URIError("unix:", "expected unix:PATH")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            raise ChannelError(f"cannot connect to unix:{address}: {exc}") from exc
+        _tune(sock)
+        return SocketChannel(sock, f"unix:{address}")
+
+    def listen(self, address: str) -> SocketListener:
+        if not address:
+            raise URIError("unix:", "expected unix:PATH")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise ChannelError(f"cannot listen on unix:{address}: {exc}") from exc
+        lst = SocketListener(sock, f"unix:{address}")
+        lst._cleanup_path = address
+        return lst

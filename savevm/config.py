@@ -1,0 +1,313 @@
+"""Migration capabilities and parameters, with QEMU 7.2's names and defaults.
+
+Everything is addressed by QEMU's hyphenated names (``max-bandwidth``,
+``downtime-limit``, ``xbzrle``...), because those are what users already
+type into QMP and what our config files and CLI accept.  The attrs classes
+are frozen: a running migration holds one snapshot, and changes go through
+:meth:`MigrationConfig.set_parameter`, which validates and returns a new one.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from savevm.errors import ConfigError
+
+PAGE_SIZE = 4096
+
+#: Every capability QEMU 7.2 knows (qapi/migration.json MigrationCapability).
+QEMU_CAPABILITIES: tuple[str, ...] = (
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
+    "postcopy-ram", "x-colo", "release-ram", "block", "return-path",
+    "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
+    "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
+    "zero-copy-send", "postcopy-preempt",
+)
+#: The capabilities savevm implements; enabling another one is refused clearly.
+SUPPORTED_CAPABILITIES: frozenset[str] = frozenset(
+    {"xbzrle", "compress", "auto-converge", "events", "rdma-pin-all", "zero-blocks"}
+)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: str | int, key: str = "size") -> int:
+    """``"256M"`` -> 268435456.  K/M/G/T are binary, as in QEMU's size parser."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(key, f"expected a size like 4096, 64K, 256M or 1G, got {value!r}")
+    n = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if n != int(n):
+        raise ConfigError(key, f"size {value!r} is not a whole number of bytes")
+    return int(n)
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    if s in ("on", "true", "yes", "1"):
+        return True
+    if s in ("off", "false", "no", "0"):
+        return False
+    raise ConfigError(key, f"expected on/off (true/false), got {value!r}")
+
+
+def _parse_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip(), 0)
+    except ValueError:
+        raise ConfigError(key, f"expected an integer, got {value!r}") from None
+
+
+def _in_range(lo: int, hi: int) -> Callable[[Any, attrs.Attribute, int], None]:
+    def check(_inst: Any, attr: attrs.Attribute, value: int) -> None:
+        if not lo <= value <= hi:
+            raise ConfigError(attr.metadata["qemu"], f"{value} is out of range [{lo}, {hi}]")
+
+    return check
+
+
+def _cache_size_check(_inst: Any, attr: attrs.Attribute, value: int) -> None:
+    check_xbzrle_cache_size(value)
+
+
+def check_xbzrle_cache_size(value: int, page_size: int = PAGE_SIZE) -> None:
+    """QEMU 7.2 wants a power-of-two number of pages, at least one; it never rounds."""
+    pages = value // page_size
+    if value >= page_size and value % page_size == 0 and pages & (pages - 1) == 0:
+        return
+    below = page_size
+    while below * 2 <= value:
+        below *= 2
+    above = below * 2 if value >= page_size else page_size
+    if value < page_size:
+        hint = f"nearest valid size: {page_size}"
+    else:
+        hint = f"nearest valid sizes: {below} and {above}"
+    raise ConfigError(
+        "xbzrle-cache-size",
+        f"{value} is not a power-of-two number of {page_size}-byte pages (>= {page_size}); {hint}",
+    )
+
+
+def _p(qemu: str, default: Any, kind: str, validator: Any = None) -> Any:
+    return attrs.field(default=default, validator=validator, metadata={"qemu": qemu, "kind": kind})
+
+
+@attrs.frozen
+class MigrationParameters:
+    """QEMU 7.2 migration parameters (``migrate-set-parameters``), 7.2 defaults."""
+
+    downtime_limit: int = _p("downtime-limit", 300, "int", _in_range(0, 2_000_000))
+    max_bandwidth: int = _p("max-bandwidth", 128 << 20, "size", _in_range(0, (1 << 63) - 1))
+    xbzrle_cache_size: int = _p("xbzrle-cache-size", 64 << 20, "size", _cache_size_check)
+    compress_level: int = _p("compress-level", 1, "int", _in_range(0, 9))
+    compress_threads: int = _p("compress-threads", 8, "int", _in_range(1, 255))
+    compress_wait_thread: bool = _p("compress-wait-thread", True, "bool")
+    decompress_threads: int = _p("decompress-threads", 2, "int", _in_range(1, 255))
+    throttle_trigger_threshold: int = _p("throttle-trigger-threshold", 50, "int", _in_range(1, 100))
+    cpu_throttle_initial: int = _p("cpu-throttle-initial", 20, "int", _in_range(1, 99))
+    cpu_throttle_increment: int = _p("cpu-throttle-increment", 10, "int", _in_range(1, 99))
+    cpu_throttle_tailslow: bool = _p("cpu-throttle-tailslow", False, "bool")
+    max_cpu_throttle: int = _p("max-cpu-throttle", 99, "int", _in_range(1, 99))
+    multifd_channels: int = _p("multifd-channels", 2, "int", _in_range(1, 255))
+    max_postcopy_bandwidth: int = _p("max-postcopy-bandwidth", 0, "size", _in_range(0, (1 << 63) - 1))
+    x_checkpoint_delay: int = _p("x-checkpoint-delay", 20000, "int", _in_range(0, 2**32 - 1))
+    announce_initial: int = _p("announce-initial", 50, "int", _in_range(1, 100_000))
+    announce_max: int = _p("announce-max", 550, "int", _in_range(1, 100_000))
+    announce_rounds: int = _p("announce-rounds", 5, "int", _in_range(1, 1000))
+    announce_step: int = _p("announce-step", 100, "int", _in_range(1, 10_000))
+
+    @classmethod
+    def names(cls) -> dict[str, attrs.Attribute]:
+        """QEMU name -> attribute."""
+        return {a.metadata["qemu"]: a for a in attrs.fields(cls)}
+
+    def get(self, name: str) -> Any:
+        """Value of a parameter by its QEMU name."""
+        a = self.names().get(name)
+        if a is None:
+            raise ConfigError(name, _unknown("parameter", name, self.names()))
+        return getattr(self, a.name)
+
+    def as_qmp(self) -> dict[str, Any]:
+        """Shaped like ``query-migrate-parameters``."""
+        return {q: getattr(self, a.name) for q, a in self.names().items()}
+
+
+def convert_parameter(name: str, value: Any) -> Any:
+    """Parse a raw value (CLI string, TOML value) for parameter ``name``."""
+    a = MigrationParameters.names().get(name)
+    if a is None:
+        raise ConfigError(name, _unknown("parameter", name, MigrationParameters.names()))
+    kind = a.metadata["kind"]
+    if kind == "size":
+        return parse_size(value, name)
+    if kind == "bool":
+        return _parse_bool(value, name)
+    return _parse_int(value, name)
+
+
+def _unknown(what: str, name: str, known: Mapping[str, Any] | frozenset[str] | tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown migration {what} {name!r}{hint}"
+
+
+@attrs.frozen
+class PluginSettings:
+    """Which plugins to use and their own options.
+
+    ``disable`` names plugins (entry-point or registration names) to block,
+    ``enable`` (if not empty) is an allow-list, ``options`` maps a plugin
+    name to its option table.
+    """
+
+    enable: tuple[str, ...] = ()
+    disable: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class MigrationConfig:
+    """Everything that shapes one migration, on either side."""
+
+    capabilities: frozenset[str] = frozenset()
+    parameters: MigrationParameters = attrs.field(factory=MigrationParameters)
+    #: The machine name sent in the configuration section and required on load.
+    machine: str = "savevm"
+    #: QEMU migration properties (on for every modern machine type).
+    send_configuration: bool = True
+    send_section_footer: bool = True
+    send_vmdesc: bool = True
+    plugins: PluginSettings = attrs.field(factory=PluginSettings)
+
+    # ---------------------------------------------------------------- access
+    def has(self, capability: str) -> bool:
+        """Is ``capability`` on?  Unknown names raise rather than read as off."""
+        if capability not in QEMU_CAPABILITIES:
+            raise ConfigError(capability, _unknown("capability", capability, QEMU_CAPABILITIES))
+        return capability in self.capabilities
+
+    def param(self, name: str) -> Any:
+        """A parameter by QEMU name."""
+        return self.parameters.get(name)
+
+    # ---------------------------------------------------------------- changes
+    def set_parameter(self, name: str, value: Any) -> MigrationConfig:
+        """A copy with one parameter changed (value parsed and validated)."""
+        v = convert_parameter(name, value)
+        a = MigrationParameters.names()[name]
+        return attrs.evolve(self, parameters=attrs.evolve(self.parameters, **{a.name: v}))
+
+    def set_capability(self, name: str, on: bool = True) -> MigrationConfig:
+        """A copy with one capability switched."""
+        if name not in QEMU_CAPABILITIES:
+            raise ConfigError(name, _unknown("capability", name, QEMU_CAPABILITIES))
+        if on and name not in SUPPORTED_CAPABILITIES:
+            raise ConfigError(
+                name,
+                f"capability {name!r} is a QEMU capability savevm does not implement "
+                f"(supported: {', '.join(sorted(SUPPORTED_CAPABILITIES))})",
+            )
+        caps = set(self.capabilities)
+        caps.add(name) if on else caps.discard(name)
+        return attrs.evolve(self, capabilities=frozenset(caps))
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MigrationConfig:
+        """Build from a mapping shaped like the TOML file (see README)."""
+        known = {"capabilities", "parameters", "machine", "plugins",
+                 "send-configuration", "send-section-footer", "send-vmdesc"}
+        for k in data:
+            if k not in known:
+                raise ConfigError(k, f"unknown config key; expected one of {', '.join(sorted(known))}")
+        cfg = cls()
+        caps = data.get("capabilities", {})
+        if isinstance(caps, (list, tuple)):
+            caps = {c: True for c in caps}
+        if not isinstance(caps, Mapping):
+            raise ConfigError("capabilities", "expected a table of name = true/false or a list of names")
+        for name, on in caps.items():
+            cfg = cfg.set_capability(name, _parse_bool(on, name))
+        params = data.get("parameters", {})
+        if not isinstance(params, Mapping):
+            raise ConfigError("parameters", "expected a table of name = value")
+        for name, value in params.items():
+            cfg = cfg.set_parameter(name, value)
+        changes: dict[str, Any] = {}
+        if "machine" in data:
+            if not isinstance(data["machine"], str) or not 0 < len(data["machine"].encode()) < 256:
+                raise ConfigError("machine", "expected a machine name of 1..255 bytes")
+            changes["machine"] = data["machine"]
+        for key in ("send-configuration", "send-section-footer", "send-vmdesc"):
+            if key in data:
+                changes[key.replace("-", "_")] = _parse_bool(data[key], key)
+        if "plugins" in data:
+            changes["plugins"] = _plugin_settings(data["plugins"])
+        return attrs.evolve(cfg, **changes)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> MigrationConfig:
+        """Load a TOML config file; syntax errors name the file."""
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config as the TOML-shaped mapping :meth:`from_dict` reads."""
+        return {
+            "machine": self.machine,
+            "capabilities": {c: True for c in sorted(self.capabilities)},
+            "parameters": self.parameters.as_qmp(),
+            "send-configuration": self.send_configuration,
+            "send-section-footer": self.send_section_footer,
+            "send-vmdesc": self.send_vmdesc,
+            "plugins": {
+                "enable": list(self.plugins.enable),
+                "disable": list(self.plugins.disable),
+                **{k: dict(v) for k, v in self.plugins.options.items()},
+            },
+        }
+
+
+def _plugin_settings(raw: Any) -> PluginSettings:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("plugins", "expected a table with enable/disable lists and per-plugin tables")
+    enable = raw.get("enable", [])
+    disable = raw.get("disable", [])
+    for key, val in (("plugins.enable", enable), ("plugins.disable", disable)):
+        if not isinstance(val, (list, tuple)) or not all(isinstance(v, str) for v in val):
+            raise ConfigError(key, "expected a list of plugin names")
+    options = {}
+    for k, v in raw.items():
+        if k in ("enable", "disable"):
+            continue
+        if not isinstance(v, Mapping):
+            raise ConfigError(f"plugins.{k}", "expected a table of plugin options")
+        options[k] = dict(v)
+    return PluginSettings(enable=tuple(enable), disable=tuple(disable), options=options)

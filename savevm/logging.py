@@ -1,0 +1,41 @@
+"""structlog set-up, done once by the program (the CLI), never by the library.
+
+Library modules only call ``structlog.get_logger(...)`` and emit events
+named after QEMU's trace points; how they are rendered (JSON lines for
+tools, console for people) is the application's choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal, TextIO
+
+import structlog
+
+_configured = {"done": False}
+
+
+def configure_logging(
+    fmt: Literal["json", "console"] = "console", level: str = "warning", stream: TextIO | None = None,
+) -> None:
+    """Configure structlog output; safe to call more than once (last call wins)."""
+    lvl = logging.getLevelNamesMapping().get(level.upper(), logging.WARNING)
+    renderer: structlog.types.Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    _configured["done"] = True

@@ -1,0 +1,183 @@
+"""Writing the whole stream: header, configuration, sections, EOF, vmdesc.
+
+:class:`StreamWriter` holds the steps QEMU's savevm.c runs
+(``qemu_savevm_state_header`` / ``_setup`` / ``_iterate`` /
+``_complete_precopy``); :class:`savevm.migration.Migration` drives them
+live, and :func:`snapshot` runs them back to back (QEMU's ``savevm``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from savevm import vmstate
+from savevm.errors import MigrationError
+from savevm.format import (
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    TARGET_PAGE_SIZE,
+    SectionType,
+)
+
+if TYPE_CHECKING:
+    from savevm.config import MigrationConfig
+    from savevm.qemufile import QEMUFile
+    from savevm.registry import SectionEntry, SectionRegistry
+
+log = structlog.get_logger("savevm.save")
+
+
+def vmdesc_json(desc: dict[str, Any]) -> bytes:
+    """JSON in the shape of QEMU's compact JSONWriter (``", "`` and ``": "``)."""
+    return json.dumps(desc, separators=(", ", ": "), ensure_ascii=True).encode()
+
+
+class StreamWriter:
+    """The save side of one stream."""
+
+    def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None) -> None:
+        self.f = f
+        self.registry = registry
+        self.config = config or registry.config
+        self.vmdesc: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- pieces
+    def _section_header(self, kind: SectionType, e: SectionEntry) -> None:
+        f = self.f
+        f.put_byte(kind)
+        f.put_be32(e.section_id)
+        if kind in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+            f.put_counted_string(e.idstr)
+            f.put_be32(e.instance_id)
+            f.put_be32(e.version_id)
+
+    def _section_footer(self, e: SectionEntry) -> None:
+        if self.config.send_section_footer:
+            self.f.put_byte(SectionType.SECTION_FOOTER)
+            self.f.put_be32(e.section_id)
+
+    def _check(self) -> None:
+        self.f.check_error()
+
+    # ---------------------------------------------------------------- phases
+    def header(self) -> None:
+        """Magic, version and the configuration record."""
+        f = self.f
+        f.put_be32(QEMU_VM_FILE_MAGIC)
+        f.put_be32(QEMU_VM_FILE_VERSION)
+        if self.config.send_configuration:
+            f.put_byte(SectionType.CONFIGURATION)
+            name = self.config.machine.encode()
+            f.put_be32(len(name))
+            f.put_buffer(name)
+        log.debug("savevm_state_header", machine=self.config.machine)
+
+    def setup(self) -> None:
+        """START section of every active live section (``qemu_savevm_state_setup``)."""
+        for e in self.registry.live():
+            log.debug("savevm_section_start", id=e.section_id, name=e.idstr)
+            self._section_header(SectionType.SECTION_START, e)
+            assert e.handlers is not None
+            e.handlers.save_setup(self.f)
+            self._section_footer(e)
+            self._check()
+        self.f.flush()
+        self._check()
+
+    def iterate(self) -> bool:
+        """One pass over live sections; True when every one reports done.
+
+        Like ``qemu_savevm_state_iterate``: stop before a section if the
+        rate limit is used up, and after the first section not finished.
+        """
+        for e in self.registry.live():
+            if self.f.rate_limit_exceeded():
+                self._check()
+                return False
+            self._section_header(SectionType.SECTION_PART, e)
+            assert e.handlers is not None
+            done = e.handlers.save_live_iterate(self.f)
+            self._section_footer(e)
+            self._check()
+            if not done:
+                return False
+        return True
+
+    def pending(self, threshold: int) -> int:
+        """Bytes all live sections still have to send."""
+        total = 0
+        for e in self.registry.live():
+            assert e.handlers is not None
+            total += e.handlers.save_live_pending(threshold)
+        return total
+
+    def complete_precopy(self) -> None:
+        """END of live sections, FULL device sections, EOF and vmdesc (program paused)."""
+        for e in self.registry.live():
+            self._section_header(SectionType.SECTION_END, e)
+            assert e.handlers is not None
+            e.handlers.save_live_complete_precopy(self.f)
+            self._section_footer(e)
+            log.debug("savevm_section_end", id=e.section_id, name=e.idstr)
+            self._check()
+        devices = []
+        for e in self.registry.devices():
+            self._section_header(SectionType.SECTION_FULL, e)
+            part = vmstate.save_state(self.f, e.device)
+            self._section_footer(e)
+            devices.append({"name": e.idstr, "instance_id": e.instance_id, **part})
+            self._check()
+        self.f.put_byte(SectionType.EOF)
+        self.vmdesc = {"page_size": TARGET_PAGE_SIZE, "devices": devices}
+        if self.config.send_vmdesc:
+            blob = vmdesc_json(self.vmdesc)
+            self.f.put_byte(SectionType.VMDESCRIPTION)
+            self.f.put_be32(len(blob))
+            self.f.put_buffer(blob)
+        self.f.flush()
+        self._check()
+
+    def cleanup(self) -> None:
+        """``save_cleanup`` on every live section, whatever happened."""
+        for e in self.registry:
+            if e.handlers is not None:
+                try:
+                    e.handlers.save_cleanup()
+                except Exception:  # cleanup must reach every section
+                    log.exception("save_cleanup_failed", section=e.idstr)
+
+    def cancel(self) -> None:
+        """``cancel`` on every live section."""
+        for e in self.registry:
+            if e.handlers is not None:
+                try:
+                    e.handlers.cancel()
+                except Exception:
+                    log.exception("section_cancel_failed", section=e.idstr)
+
+
+def save_stream(f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None) -> StreamWriter:
+    """Write a complete stream (QEMU's ``qemu_savevm_state``): iterate until done.
+
+    The rate limit of ``f`` is honoured; live sections keep iterating until
+    they report nothing pending, then everything is completed.
+    """
+    w = StreamWriter(f, registry, config)
+    try:
+        w.header()
+        w.setup()
+        while True:
+            f.rate_limit_wait()
+            if w.iterate():
+                break
+        f.set_rate_limit(0)
+        w.complete_precopy()
+    except MigrationError:
+        w.cancel()
+        raise
+    finally:
+        w.cleanup()
+    return w
