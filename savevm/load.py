@@ -188,19 +188,32 @@ class StreamLoader:
     def _start_full(self, kind: SectionType, off: int) -> None:
         f = self.f
         section_id = f.get_be32()
+        idstr_off = f.pos
         idstr = f.get_counted_string()
+        instance_off = f.pos
         instance_id = f.get_be32()
+        version_off = f.pos
         version_id = f.get_be32()
         log.debug("qemu_loadvm_state_section_startfull", section_id=section_id, idstr=idstr,
                   instance_id=instance_id, version_id=version_id)
         entry = self.registry.find(idstr, instance_id)
         if entry is None:
             known = ", ".join(f"{e.idstr}/{e.instance_id}" for e in self.registry) or "none"
+            # point at the field at fault: the instance if the idstr is known, else the idstr
+            name_known = any(idstr in (e.idstr, e.compat_idstr) for e in self.registry)
             raise UnknownSectionError(
-                f"unknown section {idstr!r} instance {instance_id} (registered: {known})", off)
+                f"unknown section {idstr!r} instance {instance_id} (registered: {known})",
+                instance_off if name_known else idstr_off)
         if version_id > entry.version_id:
             raise VersionMismatchError(
-                f"section {idstr!r} version {version_id} is newer than supported {entry.version_id}", off)
+                f"section {idstr!r} version {version_id} is newer than supported {entry.version_id}",
+                version_off)
+        if not entry.is_live:
+            minimum = vmstate.vmsd_of(type(entry.device)).minimum_version_id
+            if version_id < minimum:
+                raise VersionMismatchError(
+                    f"section {idstr!r} version {version_id} is older than the minimum {minimum}",
+                    version_off)
         if kind == SectionType.SECTION_START and not entry.is_live:
             raise CorruptStreamError(f"section {idstr!r} is a device section but arrived as START", off)
         if kind == SectionType.SECTION_FULL and entry.is_live:
@@ -217,10 +230,11 @@ class StreamLoader:
 
     def _part_end(self, kind: SectionType, off: int) -> None:
         f = self.f
+        id_off = f.pos
         section_id = f.get_be32()
         found = self._by_id.get(section_id)
         if found is None:
-            raise UnknownSectionError(f"{kind.name} for section id {section_id} that was never started", off)
+            raise UnknownSectionError(f"{kind.name} for section id {section_id} that was never started", id_off)
         entry, version_id = found
         if not entry.is_live:
             raise CorruptStreamError(f"{kind.name} for device section {entry.idstr!r}", off)
@@ -237,10 +251,11 @@ class StreamLoader:
         if t != SectionType.SECTION_FOOTER:
             raise FooterMismatchError(
                 f"missing section footer for {entry.idstr!r}: found byte 0x{t:02x}, expected 0x7e", off)
+        sid_off = f.pos
         sid = f.get_be32()
         if sid != section_id:
             raise FooterMismatchError(
-                f"section footer of {entry.idstr!r} names section id {sid}, expected {section_id}", off)
+                f"section footer of {entry.idstr!r} names section id {sid}, expected {section_id}", sid_off)
 
     def _command(self, off: int) -> None:
         f = self.f

@@ -42,6 +42,9 @@ class PluginHost:
         self.config = config or MigrationConfig()
         self.pm = pluggy.PluginManager("savevm")
         self.pm.add_hookspecs(hookspecs)
+        # Historic: every plugin registered from now on gets savevm_addhooks at
+        # registration, so it can add its own hookspecs before check_pending.
+        self.pm.hook.savevm_addhooks.call_historic(kwargs={"pluginmanager": self.pm})
         blocked = set(self.config.plugins.disable)
         env = os.environ.get("SAVEVM_DISABLE_PLUGINS", "")
         blocked |= {p.strip() for p in env.split(",") if p.strip()}
@@ -56,15 +59,18 @@ class PluginHost:
         if load_entrypoints:
             self._load_entrypoints(blocked, allow)
         for obj in extra:
-            self.register(obj)
+            self.pm.register(obj)  # configured with everyone else below
         if os.environ.get("SAVEVM_TRACE_HOOKS"):
             self.pm.trace.root.setwriter(lambda msg: log.debug("hook_trace", msg=msg.rstrip()))
             self.pm.enable_tracing()
+        self._check_pending()
+        self.configure(self.config)
+
+    def _check_pending(self) -> None:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"a plugin implements a hook nobody declared: {exc}") from exc
-        self.configure(self.config)
 
     def _load_entrypoints(self, blocked: set[str], allow: set[str]) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -87,11 +93,13 @@ class PluginHost:
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register a plugin object or module (third-party code, tests)."""
         n = self.pm.register(plugin, name=name)
-        self.pm.check_pending()
-        opts = self.config.plugins.options.get(n or "", {})
-        impl = getattr(plugin, "savevm_configure", None)
-        if impl is not None:
-            impl(config=self.config, options=dict(opts))
+        try:
+            self._check_pending()
+        except PluginError:
+            self.pm.unregister(plugin)
+            raise
+        if n is not None:
+            self._configure_one(n, plugin, self.config)
         return n
 
     def names(self) -> list[str]:
@@ -122,14 +130,18 @@ class PluginHost:
         """Push a (new) config to every plugin."""
         self.config = config
         for name, plugin in self.pm.list_name_plugin():
-            impl = getattr(plugin, "savevm_configure", None)
-            if impl is None:
-                continue
-            short = name.rsplit(".", 1)[-1]
-            opts = config.plugins.options.get(name) or config.plugins.options.get(short) or {}
-            if short.startswith("savevm_"):
-                opts = opts or config.plugins.options.get(short[len("savevm_"):], {})
-            impl(config=config, options=dict(opts))
+            self._configure_one(name, plugin, config)
+
+    @staticmethod
+    def _configure_one(name: str, plugin: object, config: MigrationConfig) -> None:
+        impl = getattr(plugin, "savevm_configure", None)
+        if impl is None:
+            return
+        short = name.rsplit(".", 1)[-1]
+        opts = config.plugins.options.get(name) or config.plugins.options.get(short) or {}
+        if short.startswith("savevm_"):
+            opts = opts or config.plugins.options.get(short[len("savevm_"):], {})
+        impl(config=config, options=dict(opts))
 
     # ----------------------------------------------------------- core hooks
     def get_transport(self, scheme: str) -> Any:

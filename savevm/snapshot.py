@@ -33,7 +33,9 @@ def snapshot(path: str | os.PathLike[str], registry: SectionRegistry) -> int:
         f.flush()
         f.check_error()
     except BaseException:
-        ch.abort()  # type: ignore[attr-defined]
+        # file:/dev/... gives a plain FdChannel, which has nothing to abort
+        abort = getattr(ch, "abort", None)
+        abort() if abort is not None else ch.close()
         raise
     n = f.pos
     ch.close()

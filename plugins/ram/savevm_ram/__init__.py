@@ -1,1 +1,44 @@
-"""savevm ram plugin."""
+"""savevm RAM plugin: the ``ram`` live section, byte-compatible with QEMU 7.2.
+
+    ram = savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", bytearray(64 << 20))])
+    handlers = savevm_ram.register_ram(registry, ram)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from savevm_ram.block import RAMBlock, RAMList
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
+from savevm_ram.dirty import DirtyBitmap
+from savevm_ram.save import RAMHandlers
+from savevm_ram.stats import RAMCounters
+from savevm_ram.wire import RAM_IDSTR, RAM_SECTION_VERSION, Flag
+
+if TYPE_CHECKING:
+    from savevm.registry import SectionRegistry
+
+
+def register_ram(registry: SectionRegistry, ram: RAMList, *, instance_id: int = 0) -> RAMHandlers:
+    """Register the ``ram`` live section (QEMU's ram_mig_init) over ``ram``.
+
+    Uses the registry's plugin host for hooks and codecs; one is built from
+    the registry's config if it has none.
+    """
+    from savevm.plugins import PluginHost
+    from savevm_ram import hookspecs
+
+    plugins = registry.plugins
+    if plugins is None:
+        plugins = registry.plugins = PluginHost(registry.config)
+    if not hasattr(plugins.pm.hook, "ram_control_save_page"):
+        plugins.add_hookspecs(hookspecs)
+    handlers = RAMHandlers(ram, config=registry.config, plugins=plugins)
+    registry.register_live(RAM_IDSTR, instance_id, RAM_SECTION_VERSION, handlers)
+    return handlers
+
+
+__all__ = [
+    "SKIP", "DirtyBitmap", "Flag", "NormalFrom", "PageCodec", "RAMBlock", "RAMCounters", "RAMHandlers",
+    "RAMList", "RAM_IDSTR", "RAM_SECTION_VERSION", "register_ram",
+]

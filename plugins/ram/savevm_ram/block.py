@@ -1,0 +1,207 @@
+"""RAMBlock and RAMList: named regions of migratable memory.
+
+A block wraps any writable buffer-protocol object (bytearray, mmap, numpy
+array, ``multiprocessing.shared_memory``) without copying it: pages are
+read from and written to the program's own memory.  Offsets inside a block
+are what the stream carries; ``RAMBlock.offset`` is the block's place in
+one global address space (QEMU's ram_addr_t), which the XBZRLE cache keys
+on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+
+from savevm.errors import MigrationError, RegistrationError
+from savevm_ram.wire import PAGE_SIZE
+
+log = structlog.get_logger("savevm.ram")
+
+DirtyProvider = Literal["tracked", "compare"]
+
+
+class RAMBlock:
+    """One block of migratable memory (QEMU's RAMBlock).
+
+    ``used_length`` is what migrates; ``max_length`` is how far the block may
+    grow when a stream brings a larger size (only if ``resizable``).
+    """
+
+    def __init__(
+        self,
+        idstr: str,
+        buffer: Any,
+        *,
+        used_length: int | None = None,
+        max_length: int | None = None,
+        page_size: int = PAGE_SIZE,
+        dirty: DirtyProvider = "tracked",
+        resizable: bool = False,
+        on_resize: Callable[[RAMBlock, int], None] | None = None,
+    ) -> None:
+        if not idstr or len(idstr.encode()) > 255:
+            raise RegistrationError(f"RAMBlock idstr must be 1..255 bytes, got {idstr!r}")
+        if page_size != PAGE_SIZE:
+            raise RegistrationError(f"{idstr}: only {PAGE_SIZE}-byte target pages are supported")
+        mv = memoryview(buffer)
+        if mv.readonly:
+            raise RegistrationError(f"{idstr}: the buffer is read-only; a RAMBlock needs writable memory")
+        if not mv.c_contiguous:
+            raise RegistrationError(f"{idstr}: the buffer must be C-contiguous")
+        mv = mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
+        self.buffer = buffer
+        self.host = np.frombuffer(mv, dtype=np.uint8)
+        self.mv = mv
+        cap = len(self.host)
+        self.max_length = cap if max_length is None else max_length
+        self.used_length = self.max_length if used_length is None else used_length
+        for name, v in (("used_length", self.used_length), ("max_length", self.max_length)):
+            if v % PAGE_SIZE or v < 0:
+                raise RegistrationError(f"{idstr}: {name} {v} is not a multiple of the {PAGE_SIZE}-byte page")
+        if not 0 <= self.used_length <= self.max_length <= cap:
+            raise RegistrationError(
+                f"{idstr}: need used_length {self.used_length} <= max_length {self.max_length} "
+                f"<= buffer size {cap}")
+        if dirty not in ("tracked", "compare"):
+            raise RegistrationError(f"{idstr}: dirty provider must be 'tracked' or 'compare', got {dirty!r}")
+        self.idstr = idstr
+        self.page_size = page_size
+        self.dirty_provider: DirtyProvider = dirty
+        self.resizable = resizable
+        self.on_resize = on_resize
+        #: global ram_addr_t of the block's first byte (set by RAMList)
+        self.offset = 0
+        # dirty log for the tracked provider: one byte per page
+        self._log_lock = threading.Lock()
+        self._dirty_log: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ info
+    @property
+    def pages(self) -> int:
+        """Number of target pages in ``used_length``."""
+        return self.used_length // PAGE_SIZE
+
+    def page_view(self, first: int, count: int) -> np.ndarray:
+        """Pages ``[first, first+count)`` as an (count, 4096) uint8 view (no copy)."""
+        a = first * PAGE_SIZE
+        return self.host[a : a + count * PAGE_SIZE].reshape(count, PAGE_SIZE)
+
+    def __repr__(self) -> str:
+        return f"RAMBlock({self.idstr!r}, used={self.used_length}, max={self.max_length})"
+
+    # ------------------------------------------------------------------ writes
+    def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Write into the block and mark the touched pages dirty (tracked provider)."""
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if offset < 0 or offset + n > self.used_length:
+            raise MigrationError(f"{self.idstr}: write [{offset}, {offset + n}) outside used_length {self.used_length}")
+        self.host[offset : offset + n] = np.frombuffer(data, dtype=np.uint8) if not isinstance(
+            data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        self.mark_dirty(offset, n)
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Record that ``[offset, offset+length)`` changed; safe from any thread."""
+        if length <= 0:
+            return
+        log_ = self._dirty_log
+        if log_ is None:
+            return  # not migrating: nothing to record
+        first = offset // PAGE_SIZE
+        last = (offset + length - 1) // PAGE_SIZE
+        with self._log_lock:
+            log_[first : last + 1] = True
+
+    # ------------------------------------------------------------------ dirty log
+    def _start_log(self) -> None:
+        with self._log_lock:
+            self._dirty_log = np.zeros(self.max_length // PAGE_SIZE, dtype=np.bool_)
+
+    def _take_log(self) -> np.ndarray:
+        """Return the dirty pages since the last call and clear the log atomically."""
+        with self._log_lock:
+            assert self._dirty_log is not None
+            out = self._dirty_log.copy()
+            self._dirty_log[:] = False
+        return out
+
+    def _stop_log(self) -> None:
+        with self._log_lock:
+            self._dirty_log = None
+
+    # ------------------------------------------------------------------ resize
+    def resize(self, new_length: int) -> None:
+        """Change ``used_length`` (QEMU's qemu_ram_resize), within ``max_length``."""
+        if new_length == self.used_length:
+            return
+        if not self.resizable:
+            raise MigrationError(
+                f"RAMBlock {self.idstr!r}: length mismatch, stream has {new_length} bytes, "
+                f"this side has {self.used_length} and the block is not resizable")
+        if new_length % PAGE_SIZE or not 0 < new_length <= self.max_length:
+            raise MigrationError(
+                f"RAMBlock {self.idstr!r}: cannot resize to {new_length} (max_length {self.max_length}, "
+                f"page {PAGE_SIZE})")
+        old = self.used_length
+        self.used_length = new_length
+        log.info("qemu_ram_resize", block=self.idstr, old=old, new=new_length)
+        if self.on_resize is not None:
+            self.on_resize(self, new_length)
+
+
+class RAMList:
+    """The migratable blocks, in QEMU's order (largest ``max_length`` first)."""
+
+    def __init__(self, blocks: list[RAMBlock] | None = None) -> None:
+        self._blocks: list[RAMBlock] = []
+        #: bumped on every add/remove, like ram_list.version (hotplug)
+        self.version = 0
+        for b in blocks or []:
+            self.add(b)
+
+    def add(self, block: RAMBlock) -> RAMBlock:
+        """Add a block; names are unique."""
+        if any(b.idstr == block.idstr for b in self._blocks):
+            raise RegistrationError(f"RAMBlock {block.idstr!r} already exists")
+        self._blocks.append(block)
+        self._blocks.sort(key=lambda b: -b.max_length)  # stable: equal sizes keep insertion order
+        self._relayout()
+        self.version += 1
+        return block
+
+    def remove(self, idstr: str) -> None:
+        """Remove a block by name."""
+        self._blocks = [b for b in self._blocks if b.idstr != idstr]
+        self._relayout()
+        self.version += 1
+
+    def _relayout(self) -> None:
+        off = 0
+        for b in self._blocks:
+            b.offset = off
+            off += b.max_length
+
+    def find(self, idstr: str) -> RAMBlock | None:
+        """Block by name."""
+        for b in self._blocks:
+            if b.idstr == idstr:
+                return b
+        return None
+
+    def __iter__(self) -> Iterator[RAMBlock]:
+        return iter(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __getitem__(self, i: int) -> RAMBlock:
+        return self._blocks[i]
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of used_length (ram_bytes_total)."""
+        return sum(b.used_length for b in self._blocks)

@@ -1,0 +1,100 @@
+"""PageCodec: how encoder plugins plug into the page pipeline.
+
+The RAM plugin hands a codec *batches* of non-zero dirty pages (a run of
+up to 256 pages of one block) and gets one result per page:
+
+* ``None`` — not mine: the next codec, or a normal page;
+* :data:`SKIP` — send nothing (XBZRLE: page unchanged since it was cached);
+* ``bytes`` — the encoded body, sent after a page header carrying the
+  codec's ``wire_flag``;
+* :class:`NormalFrom` — send a normal page, but from this buffer (XBZRLE
+  sends the cached copy, so sender and cache agree byte for byte).
+
+On the destination the codec reads its own body from the stream in
+:meth:`PageCodec.load_page`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import numpy as np
+
+if TYPE_CHECKING:
+    from savevm.config import MigrationConfig
+    from savevm.qemufile import QEMUFile
+    from savevm_ram.block import RAMBlock
+
+
+class _Skip:
+    def __repr__(self) -> str:
+        return "SKIP"
+
+
+#: The page is unchanged: send nothing.
+SKIP: Final = _Skip()
+
+
+@attrs.frozen
+class NormalFrom:
+    """Send a normal page whose bytes are ``data`` (a 4096-byte buffer)."""
+
+    data: Any
+
+
+class PageCodec:
+    """Base class for page codecs; override what you need."""
+
+    #: short name, used in config and stats
+    name: str = "codec"
+    #: RAM_SAVE_FLAG_* this codec's pages carry (XBZRLE 0x40, COMPRESS_PAGE 0x100)
+    wire_flag: int = 0
+    #: lower runs first
+    priority: int = 100
+
+    # ------------------------------------------------------------ source
+    def enabled(self, config: MigrationConfig) -> bool:
+        """Should the source use this codec at all (usually: a capability)?"""
+        return False
+
+    def save_setup(self, rs: Any) -> None:
+        """Migration start (source)."""
+
+    def active(self, rs: Any) -> bool:
+        """Use the codec for the current pass?  (XBZRLE: only after the bulk stage.)"""
+        return True
+
+    def encode_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> list[Any]:
+        """Encode a batch: ``pages`` are page numbers in ``block``, ``data`` their (n, 4096) contents."""
+        return [None] * len(pages)
+
+    def zero_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
+        """These pages were just sent as zero pages."""
+
+    def save_cleanup(self, rs: Any) -> None:
+        """Migration end (source)."""
+
+    def query_stats(self) -> dict[str, Any]:
+        """Extra query-migrate keys (e.g. ``xbzrle-cache``)."""
+        return {}
+
+    def on_sync(self, rs: Any) -> None:
+        """A dirty bitmap sync happened (sync count changed)."""
+
+    def on_period(self, rs: Any, pages_sent_delta: int) -> None:
+        """A >= 1 s statistics period ended (update per-period rates)."""
+
+    # ------------------------------------------------------------ destination
+    def load_setup(self, rs: Any) -> None:
+        """Destination start."""
+
+    def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:
+        """Read this codec's body from ``f`` and apply it to ``dest`` (the 4096-byte page).
+
+        ``offset`` is the stream offset of the record, for error messages.
+        """
+        from savevm.errors import CorruptStreamError
+
+        raise CorruptStreamError(f"page codec {self.name!r} has no decoder", offset)

@@ -1,0 +1,459 @@
+"""The RAM section's live handlers: setup, iterate, complete, pending.
+
+The search and the page pipeline follow QEMU's migration/ram.c
+(``ram_save_setup``, ``ram_find_and_save_block``, ``find_dirty_block``,
+``ram_save_target_page``), but work on *runs* of contiguous dirty pages
+(up to 1 MiB) rather than on single pages, so that every per-page decision
+is a numpy operation and every page leaves as a memoryview of the
+program's memory (see the DESIGN's hot-path rule).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+
+from savevm.handlers import SaveVMHandlers
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
+from savevm_ram.dirty import DirtyBitmap
+from savevm_ram.stats import RAMCounters
+from savevm_ram.wire import (
+    PAGE_BITS,
+    PAGE_SIZE,
+    RAM_CONTROL_FINISH,
+    RAM_CONTROL_ROUND,
+    RAM_CONTROL_SETUP,
+    RAM_SAVE_CONTROL_DELAYED,
+    RAM_SAVE_CONTROL_NOT_SUPP,
+    ZERO_RECORD,
+    Flag,
+)
+
+if TYPE_CHECKING:
+    from savevm.config import MigrationConfig
+    from savevm.plugins import PluginHost
+    from savevm.qemufile import QEMUFile
+    from savevm_ram.block import RAMBlock, RAMList
+
+log = structlog.get_logger("savevm.ram")
+
+#: Longest run of pages handled as one batch (1 MiB).
+MAX_RUN_PAGES = 256
+#: QEMU's MAX_WAIT: an iterate call returns after this long.
+MAX_WAIT = 0.050
+#: Bitmap window scanned per numpy call while searching.
+SEARCH_WINDOW = 1 << 16
+
+_CONT = np.uint64(Flag.CONTINUE)
+_ZERO_C = np.uint64(Flag.ZERO | Flag.CONTINUE)
+_PAGE_C = np.uint64(Flag.PAGE | Flag.CONTINUE)
+_SHIFT = np.uint64(PAGE_BITS)
+
+
+class RAMHooks:
+    """Typed calls of the RAM hooks, skipping hooks nobody implements.
+
+    ``refresh()`` runs once per iteration: that is when a plugin could have
+    appeared; per-run code only tests booleans.
+    """
+
+    def __init__(self, plugins: PluginHost | None) -> None:
+        self.plugins = plugins
+        self.before = self.after = self.save_page = self.load_hook = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        p = self.plugins
+        if p is None:
+            return
+        self.before = p.has_impl("ram_control_before_iterate")
+        self.after = p.has_impl("ram_control_after_iterate")
+        self.save_page = p.has_impl("ram_control_save_page")
+        self.load_hook = p.has_impl("ram_control_load_hook")
+
+    def before_iterate(self, rs: Any, f: QEMUFile, flags: int) -> None:
+        if self.before:
+            assert self.plugins is not None
+            self.plugins.hook("ram_control_before_iterate")(rs=rs, f=f, flags=flags)
+
+    def after_iterate(self, rs: Any, f: QEMUFile, flags: int) -> None:
+        if self.after:
+            assert self.plugins is not None
+            self.plugins.hook("ram_control_after_iterate")(rs=rs, f=f, flags=flags)
+
+    def control_save_page(self, rs: Any, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> int | None:
+        assert self.plugins is not None
+        return self.plugins.hook("ram_control_save_page")(rs=rs, f=f, block=block, offset=offset, size=size)
+
+    def control_load_hook(self, rs: Any, f: QEMUFile, flags: int, data: Any) -> bool | None:
+        if not self.load_hook:
+            return None
+        assert self.plugins is not None
+        return self.plugins.hook("ram_control_load_hook")(rs=rs, f=f, flags=flags, data=data)
+
+
+class RAMHandlers(SaveVMHandlers):
+    """The ``ram`` section (instance 0, version 4) for one migration, either side."""
+
+    def __init__(self, ram: RAMList, *, config: MigrationConfig, plugins: PluginHost | None) -> None:
+        self.ram = ram
+        self.config = config
+        self.plugins = plugins
+        self.hooks = RAMHooks(plugins)
+        self.codecs: list[PageCodec] = _collect_codecs(plugins, config)
+        self.counters = RAMCounters()
+        self.bitmap = DirtyBitmap(ram)
+        #: per-migration scratch space for transport plugins (RDMA-style)
+        self.transport_state: dict[str, Any] = {}
+        #: called with (dirty_bytes_period, transferred_bytes_period) at each >= 1 s sync period
+        self.throttle_listener: Any = None
+        self.last_stage = False
+        # search state (RAMState)
+        self._blocks: list[RAMBlock] = list(ram)
+        self._ram_version = ram.version
+        self.last_seen_block = 0
+        self.last_page = 0
+        self.last_sent_block: RAMBlock | None = None
+        #: True until the search wraps once (QEMU: !xbzrle_enabled)
+        self.bulk_stage = True
+        self._period_xfer = 0
+        self._period_pages = 0
+        self._oob_bytes = 0
+        self._save_codecs: list[PageCodec] = []
+        # destination state
+        self.load_last_block: RAMBlock | None = None
+        self._codec_by_flag: dict[int, PageCodec] = {}
+
+    # ================================================================ source
+    def save_setup(self, f: QEMUFile) -> None:
+        """MEM_SIZE + block list + EOS (ram_save_setup); all pages start dirty."""
+        start = f.pos
+        self._blocks = list(self.ram)
+        self._ram_version = self.ram.version
+        self.last_seen_block = self.last_page = 0
+        self.last_sent_block = None
+        self.bulk_stage = True
+        self.counters = RAMCounters(total=self.ram.total_bytes)
+        self._save_codecs = [c for c in self.codecs if c.enabled(self.config)]
+        for c in self._save_codecs:
+            c.save_setup(self)
+        self.bitmap.start()
+        self.sync()
+        log.info("ram_save_setup", blocks=len(self._blocks), total=self.ram.total_bytes,
+                 codecs=[c.name for c in self._save_codecs])
+        f.put_be64(self.ram.total_bytes | Flag.MEM_SIZE)
+        for b in self._blocks:
+            f.put_counted_string(b.idstr)
+            f.put_be64(b.used_length)
+        self.hooks.refresh()
+        self.hooks.before_iterate(self, f, RAM_CONTROL_SETUP)
+        self.hooks.after_iterate(self, f, RAM_CONTROL_SETUP)
+        f.put_be64(Flag.EOS)
+        f.flush()
+        self._account(f.pos - start, precopy=True)
+
+    def save_live_iterate(self, f: QEMUFile) -> bool:
+        """Send dirty pages until the rate limit trips or 50 ms pass; EOS."""
+        start = f.pos
+        oob0 = self._oob_bytes
+        if self.ram.version != self._ram_version:
+            # hotplug: QEMU's ram_state_reset, the next page carries its block name again
+            self._blocks = list(self.ram)
+            self._ram_version = self.ram.version
+            self.last_sent_block = None
+            self.last_seen_block = self.last_page = 0
+        self.hooks.refresh()
+        self.hooks.before_iterate(self, f, RAM_CONTROL_ROUND)
+        t0 = time.monotonic()
+        done = False
+        while not f.rate_limit_exceeded():
+            run = self.find_dirty_run()
+            if run is None:
+                done = True
+                break
+            self._save_run(f, *run, last_stage=False)
+            if time.monotonic() - t0 > MAX_WAIT:
+                break
+        self.hooks.after_iterate(self, f, RAM_CONTROL_ROUND)
+        f.put_be64(Flag.EOS)
+        f.flush()
+        self._account(f.pos - start + self._oob_bytes - oob0, precopy=True)
+        return done
+
+    def save_live_complete_precopy(self, f: QEMUFile) -> None:
+        """Final sync, every remaining page, EOS (ram_save_complete)."""
+        start = f.pos
+        oob0 = self._oob_bytes
+        self.last_stage = True
+        self.sync()
+        self.hooks.refresh()
+        self.hooks.before_iterate(self, f, RAM_CONTROL_FINISH)
+        while (run := self.find_dirty_run()) is not None:
+            self._save_run(f, *run, last_stage=True)
+        self.hooks.after_iterate(self, f, RAM_CONTROL_FINISH)
+        f.put_be64(Flag.EOS)
+        f.flush()
+        self._account(f.pos - start + self._oob_bytes - oob0, precopy=False)
+
+    def save_live_pending(self, threshold: int) -> int:
+        """Dirty bytes; re-sync first when already below ``threshold`` (ram_save_pending)."""
+        remaining = self.bitmap.remaining_bytes
+        if remaining < threshold:
+            self.sync()
+            remaining = self.bitmap.remaining_bytes
+        return remaining
+
+    def save_cleanup(self) -> None:
+        self.bitmap.stop()
+        for c in self._save_codecs:
+            c.save_cleanup(self)
+
+    def cancel(self) -> None:
+        self.bitmap.stop()
+
+    def query_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ram": self.counters.as_qmp(self.bitmap.remaining_bytes)}
+        for c in self._save_codecs:
+            out.update(c.query_stats())
+        return out
+
+    # ---------------------------------------------------------------- sync
+    def sync(self) -> None:
+        """migration_bitmap_sync: fold dirt in, and close a >= 1 s rate period."""
+        self.bitmap.sync()
+        self.counters.dirty_sync_count = self.bitmap.sync_count
+        for c in self._save_codecs:
+            c.on_sync(self)
+        period = self.bitmap.end_period_if_due()
+        if period is None:
+            return
+        elapsed, dirty_pages = period
+        xfer = self.counters.transferred - self._period_xfer
+        pages = self.counters.target_pages - self._period_pages
+        self._period_xfer = self.counters.transferred
+        self._period_pages = self.counters.target_pages
+        self.counters.dirty_pages_rate = self.bitmap.dirty_pages_rate
+        self.counters.pages_per_second = int(pages / elapsed)
+        for c in self._save_codecs:
+            c.on_period(self, pages)
+        if self.throttle_listener is not None:
+            self.throttle_listener(dirty_pages * PAGE_SIZE, xfer)
+
+    def _account(self, nbytes: int, *, precopy: bool) -> None:
+        self.counters.transferred += nbytes
+        if precopy:
+            self.counters.precopy_bytes += nbytes
+        else:
+            self.counters.downtime_bytes += nbytes
+
+    # ---------------------------------------------------------------- search
+    def find_dirty_run(self) -> tuple[int, int, int] | None:
+        """Next run of dirty pages from where the last search stopped.
+
+        Returns (block index, first page, page count), or None after a
+        complete round found nothing (find_dirty_block's ``again = false``).
+        Wrapping past the last block ends the bulk stage.
+        """
+        blocks = self._blocks
+        if not blocks:
+            return None
+        bi, page = self.last_seen_block, self.last_page
+        if bi >= len(blocks):
+            bi, page = 0, 0
+        complete_round = False
+        bitmaps = self.bitmap.bitmaps
+        while True:
+            b = blocks[bi]
+            bm = bitmaps[b.idstr]
+            n = b.pages
+            start = _find_dirty(bm, page, n)
+            if complete_round and bi == self.last_seen_block and start >= self.last_page:
+                return None
+            if start < n:
+                seg = bm[start : min(n, start + MAX_RUN_PAGES)]
+                run = len(seg) if seg.all() else int(seg.argmin())
+                self.last_seen_block, self.last_page = bi, start + run
+                return bi, start, run
+            bi += 1
+            page = 0
+            if bi == len(blocks):
+                bi = 0
+                complete_round = True
+                if self.bulk_stage:
+                    self.bulk_stage = False
+                    log.debug("ram_bulk_stage_end", sync_count=self.bitmap.sync_count)
+
+    # ---------------------------------------------------------------- pipeline
+    def _save_run(self, f: QEMUFile, bi: int, first: int, n: int, last_stage: bool) -> None:
+        b = self._blocks[bi]
+        self.bitmap.clear(b, first, n)
+        self.counters.target_pages += n
+        if self.hooks.save_page:
+            r = self.hooks.control_save_page(self, f, b, first * PAGE_SIZE, n * PAGE_SIZE)
+            if r is not None and r != RAM_SAVE_CONTROL_NOT_SUPP:
+                nbytes = n if r == RAM_SAVE_CONTROL_DELAYED else int(r)
+                f.account(nbytes)
+                self._oob_bytes += nbytes
+                self.counters.control += n
+                self.counters.normal += n
+                return
+        data = b.page_view(first, n)
+        zero = ~data.view(np.uint64).any(axis=1)
+        codecs = [c for c in self._save_codecs if c.active(self)] if self._save_codecs else []
+        if codecs:
+            self._save_run_codecs(f, b, first, n, data, zero, codecs, last_stage)
+        else:
+            self._save_run_plain(f, b, first, n, zero)
+
+    def _save_run_plain(self, f: QEMUFile, b: RAMBlock, first: int, n: int, zero: np.ndarray) -> None:
+        """Zero and normal pages only: headers built in numpy, pages as memoryviews."""
+        hdr = (np.arange(first, first + n, dtype=np.uint64) << _SHIFT) | np.where(zero, _ZERO_C, _PAGE_C)
+        parts: list[Any] = []
+        nbytes = 0
+        k = 0
+        pm = b.mv
+        base = first * PAGE_SIZE
+        if self.last_sent_block is not b:
+            name = b.idstr.encode()
+            h0 = int(hdr[0]) & ~int(Flag.CONTINUE)
+            head = h0.to_bytes(8, "big") + bytes([len(name)]) + name
+            if zero[0]:
+                parts.append(head + b"\x00")
+                nbytes += len(head) + 1
+            else:
+                parts.append(head)
+                parts.append(pm[base : base + PAGE_SIZE])
+                nbytes += len(head) + PAGE_SIZE
+            self.last_sent_block = b
+            k = 1
+        nzero = int(np.count_nonzero(zero))
+        self.counters.duplicate += nzero
+        self.counters.normal += n - nzero
+        if k < n:
+            hb = memoryview(hdr.astype(">u8").view(np.uint8))
+            sub = zero[k:]
+            cuts = (np.flatnonzero(sub[1:] != sub[:-1]) + 1 + k).tolist()
+            bounds = [k, *cuts, n]
+            for i, j in zip(bounds, bounds[1:]):
+                if zero[i]:
+                    rec = np.empty(j - i, dtype=ZERO_RECORD)
+                    rec["hdr"] = hdr[i:j]
+                    rec["fill"] = 0
+                    parts.append(rec.tobytes())
+                    nbytes += 9 * (j - i)
+                else:
+                    for p in range(i, j):
+                        o = base + p * PAGE_SIZE
+                        parts.append(hb[8 * p : 8 * p + 8])
+                        parts.append(pm[o : o + PAGE_SIZE])
+                    nbytes += (8 + PAGE_SIZE) * (j - i)
+        f.put_iovecs(parts, nbytes)
+
+    def _save_run_codecs(self, f: QEMUFile, b: RAMBlock, first: int, n: int, data: np.ndarray,
+                         zero: np.ndarray, codecs: list[PageCodec], last_stage: bool) -> None:
+        """The general pipeline: zero → codecs in order → normal page."""
+        results: list[Any] = [None] * n
+        flags: list[int] = [0] * n
+        todo = np.flatnonzero(~zero)
+        for c in codecs:
+            if todo.size == 0:
+                break
+            res = c.encode_pages(self, b, first + todo, data[todo], last_stage)
+            keep = []
+            for k, r in zip(todo.tolist(), res):
+                if r is None:
+                    keep.append(k)
+                else:
+                    results[k] = r
+                    flags[k] = c.wire_flag
+            todo = np.asarray(keep, dtype=np.int64)
+        if zero.any():
+            zpages = first + np.flatnonzero(zero)
+            for c in codecs:
+                c.zero_pages(self, b, zpages, last_stage)
+        pm = b.mv
+        base = first * PAGE_SIZE
+        parts: list[Any] = []
+        nbytes = 0
+        name_rec = bytes([len(b.idstr.encode())]) + b.idstr.encode()
+        cnt = self.counters
+        for k in range(n):
+            off = (first + k) << PAGE_BITS
+            if zero[k]:
+                flag = Flag.ZERO
+                body: Any = b"\x00"
+                cnt.duplicate += 1
+            else:
+                r = results[k]
+                if r is None:
+                    flag = Flag.PAGE
+                    body = pm[base + k * PAGE_SIZE : base + (k + 1) * PAGE_SIZE]
+                    cnt.normal += 1
+                elif r is SKIP:
+                    continue
+                elif isinstance(r, NormalFrom):
+                    flag = Flag.PAGE
+                    body = r.data
+                    cnt.normal += 1
+                else:
+                    flag = flags[k]
+                    body = r
+                    cnt.encoded += 1
+            if self.last_sent_block is b:
+                head = (off | flag | Flag.CONTINUE).to_bytes(8, "big")
+            else:
+                head = (off | flag).to_bytes(8, "big") + name_rec
+                self.last_sent_block = b
+            parts.append(head)
+            parts.append(body)
+            nbytes += len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+        if parts:
+            f.put_iovecs(parts, nbytes)
+
+    # ================================================================ destination
+    def load_setup(self) -> None:
+        self.load_last_block = None
+        self._codec_by_flag = {}
+        for c in self.codecs:
+            c.load_setup(self)
+            self._codec_by_flag[c.wire_flag] = c
+        self.hooks.refresh()
+
+    def load_state(self, f: QEMUFile, version_id: int) -> None:
+        from savevm_ram.load import ram_load
+
+        ram_load(self, f, version_id)
+
+    def codec_for(self, flag: int) -> PageCodec | None:
+        """The destination codec for a wire flag."""
+        return self._codec_by_flag.get(flag)
+
+
+def _find_dirty(bm: np.ndarray, page: int, n: int) -> int:
+    """First set bit at or after ``page`` (< n), or n."""
+    while page < n:
+        end = min(n, page + SEARCH_WINDOW)
+        seg = bm[page:end]
+        i = int(seg.argmax())
+        if seg[i]:
+            return page + i
+        page = end
+    return n
+
+
+def _collect_codecs(plugins: PluginHost | None, config: MigrationConfig) -> list[PageCodec]:
+    if plugins is None or not plugins.has_impl("ram_page_codecs"):
+        return []
+    out: list[PageCodec] = []
+    for lst in plugins.hook("ram_page_codecs")(config=config):
+        if lst:
+            out.extend(lst)
+    flags = [c.wire_flag for c in out]
+    if len(set(flags)) != len(flags):
+        from savevm.errors import PluginError
+
+        raise PluginError(f"two page codecs claim the same wire flag: {[(c.name, c.wire_flag) for c in out]}")
+    return sorted(out, key=lambda c: c.priority)
