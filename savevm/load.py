@@ -55,14 +55,18 @@ class LoadResult:
     sections: list[tuple[str, int, int]] = attrs.field(factory=list)  # (idstr, instance, version)
     vmdesc: dict[str, Any] | None = None
     bytes_read: int = 0
+    #: FULL sections skipped because only the vmdesc knew them
+    skipped: list[tuple[str, int, int]] = attrs.field(factory=list)
 
 
 class StreamLoader:
     """The load side of one stream."""
 
     def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
-                 *, require_eof: bool = True) -> None:
+                 *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None) -> None:
         self.f = f
+        #: device sizes from a vmdesc read ahead of time, to skip devices we do not model
+        self._skip_sizes = device_sizes(vmdesc) if vmdesc else {}
         self.registry = registry
         self.config = config or registry.config
         self.require_eof = require_eof
@@ -197,6 +201,13 @@ class StreamLoader:
         log.debug("qemu_loadvm_state_section_startfull", section_id=section_id, idstr=idstr,
                   instance_id=instance_id, version_id=version_id)
         entry = self.registry.find(idstr, instance_id)
+        if entry is None and kind == SectionType.SECTION_FULL and (idstr, instance_id) in self._skip_sizes:
+            # a device of the source we do not model (e.g. a real QEMU's CPU state): its
+            # size comes from the vmdesc, as analyze-migration.py walks it
+            f.skip(self._skip_sizes[(idstr, instance_id)])
+            self._check_footer(section_id, idstr)
+            self.result.skipped.append((idstr, instance_id, version_id))
+            return
         if entry is None:
             known = ", ".join(f"{e.idstr}/{e.instance_id}" for e in self.registry) or "none"
             # point at the field at fault: the instance if the idstr is known, else the idstr
@@ -243,6 +254,9 @@ class StreamLoader:
         self._footer(section_id, entry)
 
     def _footer(self, section_id: int, entry: SectionEntry) -> None:
+        self._check_footer(section_id, entry.idstr)
+
+    def _check_footer(self, section_id: int, idstr: str) -> None:
         if not self.config.send_section_footer:
             return
         f = self.f
@@ -250,12 +264,12 @@ class StreamLoader:
         t = f.get_byte()
         if t != SectionType.SECTION_FOOTER:
             raise FooterMismatchError(
-                f"missing section footer for {entry.idstr!r}: found byte 0x{t:02x}, expected 0x7e", off)
+                f"missing section footer for {idstr!r}: found byte 0x{t:02x}, expected 0x7e", off)
         sid_off = f.pos
         sid = f.get_be32()
         if sid != section_id:
             raise FooterMismatchError(
-                f"section footer of {entry.idstr!r} names section id {sid}, expected {section_id}", sid_off)
+                f"section footer of {idstr!r} names section id {sid}, expected {section_id}", sid_off)
 
     def _command(self, off: int) -> None:
         f = self.f
@@ -323,9 +337,58 @@ class StreamLoader:
 
 
 def load_stream(f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
-                *, require_eof: bool = True) -> LoadResult:
-    """Load a complete stream into the registry's sections."""
-    return StreamLoader(f, registry, config, require_eof=require_eof).load()
+                *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None) -> LoadResult:
+    """Load a complete stream into the registry's sections.
+
+    With ``vmdesc`` (see :func:`read_vmdesc`), FULL device sections that are
+    not registered but described there are skipped instead of rejected.
+    """
+    return StreamLoader(f, registry, config, require_eof=require_eof, vmdesc=vmdesc).load()
 
 
-__all__ = ["LoadResult", "StreamLoader", "TARGET_PAGE_BITS", "load_stream"]
+def _field_size(fd: dict[str, Any]) -> int:
+    n = int(fd.get("size", 0))
+    return n * int(fd.get("array_len", 1))
+
+
+def _desc_size(desc: dict[str, Any]) -> int:
+    total = sum(_field_size(fd) for fd in desc.get("fields", []))
+    for sub in desc.get("subsections", []):
+        name = str(sub.get("vmsd_name", ""))
+        total += 1 + 1 + len(name.encode()) + 4 + _desc_size(sub)
+    return total
+
+
+def device_sizes(vmdesc: dict[str, Any]) -> dict[tuple[str, int], int]:
+    """(idstr, instance_id) -> bytes of its FULL section body, from a vmdesc."""
+    out: dict[tuple[str, int], int] = {}
+    for dev in vmdesc.get("devices", []):
+        out[(str(dev["name"]), int(dev["instance_id"]))] = _desc_size(dev)
+    return out
+
+
+def read_vmdesc(path: str) -> dict[str, Any] | None:
+    """Find the vmdesc at the end of a stream file, as analyze-migration.py does.
+
+    Reads the last 10 MiB, takes the first ``{`` after the last NUL byte and
+    checks that a 0x06 byte and a be32 length precede it.
+    """
+    import os
+
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        start = max(0, size - (10 << 20))
+        fh.seek(start)
+        tail = fh.read()
+    nul = tail.rfind(b"\x00")
+    brace = tail.find(b"{", nul + 1 if nul >= 0 else 0)
+    if brace < 5 or tail[brace - 5] != SectionType.VMDESCRIPTION:
+        return None
+    length = int.from_bytes(tail[brace - 4 : brace], "big")
+    try:
+        return json.loads(tail[brace : brace + length])
+    except ValueError:
+        return None
+
+
+__all__ = ["LoadResult", "StreamLoader", "TARGET_PAGE_BITS", "device_sizes", "load_stream", "read_vmdesc"]
