@@ -8,7 +8,7 @@ writes while it migrates.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -43,3 +43,19 @@ class NullGuest:
 
     def set_throttle(self, percent: int) -> None:
         self.throttle = percent
+
+
+@runtime_checkable
+class Program(Guest, Protocol):
+    """A migratable program as the CLI loads it with ``--guest module:callable``.
+
+    Besides the :class:`Guest` controls it registers its own sections (RAM
+    blocks through ``savevm_ram.register_ram``, devices through
+    ``registry.register_device``).  Optional methods the CLI uses when
+    present: ``start()`` (begin running before the migration),
+    ``stop()`` (end it), ``report() -> dict`` (extra JSON for ``--json``).
+    """
+
+    def register(self, registry: Any) -> None:
+        """Register the program's sections into a migration's registry."""
+        ...

@@ -77,16 +77,30 @@ class DirtyBitmap:
         self.started = False
 
     # ------------------------------------------------------------ sync
+    def follow_blocks(self) -> int:
+        """Follow hotplug: a new block starts all dirty, a removed one is forgotten.
+
+        Returns the pages added (already counted in ``dirty_pages``).
+        """
+        present = {b.idstr for b in self.ram}
+        for name in [n for n in self.bitmaps if n not in present]:
+            self.dirty_pages -= int(np.count_nonzero(self.bitmaps.pop(name)))
+            self._shadows.pop(name, None)
+        added = 0
+        for b in self.ram:
+            if b.idstr not in self.bitmaps:
+                self._start_block(b)
+                added += b.pages
+        return added
+
     def sync(self) -> int:
         """Fold new dirt into the bitmap (migration_bitmap_sync); return newly dirty pages."""
         t0 = time.monotonic()
+        # hot-added blocks: everything is dirty (counted in dirty_pages by _start_block)
+        added = self.follow_blocks()
         newly = 0
         for b in self.ram:
-            bm = self.bitmaps.get(b.idstr)
-            if bm is None:  # hot-added block: everything is dirty
-                self._start_block(b)
-                newly += b.pages
-                continue
+            bm = self.bitmaps[b.idstr]
             if b.dirty_provider == "tracked":
                 new = b._take_log()
                 new[b.pages :] = False
@@ -98,6 +112,7 @@ class DirtyBitmap:
                 n = self._compare_block(b, bm)
             newly += n
         self.dirty_pages += newly
+        newly += added
         self.dirty_pages_period += newly
         self.sync_count += 1
         now = time.monotonic()

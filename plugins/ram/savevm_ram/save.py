@@ -159,12 +159,7 @@ class RAMHandlers(SaveVMHandlers):
         """Send dirty pages until the rate limit trips or 50 ms pass; EOS."""
         start = f.pos
         oob0 = self._oob_bytes
-        if self.ram.version != self._ram_version:
-            # hotplug: QEMU's ram_state_reset, the next page carries its block name again
-            self._blocks = list(self.ram)
-            self._ram_version = self.ram.version
-            self.last_sent_block = None
-            self.last_seen_block = self.last_page = 0
+        self._follow_hotplug()
         self.hooks.refresh()
         self.hooks.before_iterate(self, f, RAM_CONTROL_ROUND)
         t0 = time.monotonic()
@@ -188,6 +183,7 @@ class RAMHandlers(SaveVMHandlers):
         start = f.pos
         oob0 = self._oob_bytes
         self.last_stage = True
+        self._follow_hotplug()
         self.sync()
         self.hooks.refresh()
         self.hooks.before_iterate(self, f, RAM_CONTROL_FINISH)
@@ -197,6 +193,20 @@ class RAMHandlers(SaveVMHandlers):
         f.put_be64(Flag.EOS)
         f.flush()
         self._account(f.pos - start + self._oob_bytes - oob0, precopy=False)
+
+    def _follow_hotplug(self) -> None:
+        """A block was added or removed since the last chunk: QEMU's ram_state_reset.
+
+        The search restarts, the next page carries its block name again, and
+        the bitmap follows the new block list before anything is searched.
+        """
+        if self.ram.version == self._ram_version:
+            return
+        self._blocks = list(self.ram)
+        self._ram_version = self.ram.version
+        self.last_sent_block = None
+        self.last_seen_block = self.last_page = 0
+        self.bitmap.follow_blocks()
 
     def save_live_pending(self, threshold: int) -> int:
         """Dirty bytes; re-sync first when already below ``threshold`` (ram_save_pending)."""

@@ -1,0 +1,174 @@
+"""The CLI commands, each a function of parsed arguments returning an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from savevm.cli import build_config, load_program
+from savevm.cli.progress import human, print_table, watch
+from savevm.errors import ConfigError, MigrationError
+from savevm.migration import Incoming, Migration, MigrationState
+from savevm.plugins import PluginHost
+
+
+def _registry(cfg: Any) -> Any:
+    return PluginHost(cfg).new_registry()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """``savevm migrate URI --guest MOD:CALLABLE``."""
+    cfg = build_config(args)
+    reg = _registry(cfg)
+    prog = load_program(args.guest, args.guest_arg)
+    prog.register(reg)
+    if hasattr(prog, "start"):
+        prog.start()
+    mig = Migration(reg, args.uri, guest=prog, config=cfg)
+    mig.start()
+    total = sum(getattr(getattr(e.handlers, "ram", None), "total_bytes", 0) for e in reg.live())
+    try:
+        watch(mig.query, lambda: mig._done.is_set(), total=total, quiet=args.json)
+    except KeyboardInterrupt:
+        mig.cancel()
+    st = mig.wait()
+    if hasattr(prog, "stop"):
+        prog.stop()
+    out = st.as_qmp()
+    if hasattr(prog, "report") and st.status == "completed":
+        out["guest"] = prog.report()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_table(st, "savevm migrate")
+    return 0 if st.status == "completed" else 1
+
+
+def cmd_incoming(args: argparse.Namespace) -> int:
+    """``savevm incoming URI --guest MOD:CALLABLE``."""
+    cfg = build_config(args)
+    reg = _registry(cfg)
+    prog = load_program(args.guest, args.guest_arg)
+    prog.register(reg)
+    inc = Incoming(reg, args.uri, guest=prog, config=cfg)
+    inc.accept_timeout = args.timeout
+    uri = inc.listen()
+    if args.print_uri:
+        print(uri, flush=True)
+    elif not args.json:
+        print(f"savevm: waiting for a migration on {uri}", file=sys.stderr, flush=True)
+    inc.start()
+    st = inc.wait()
+    out = st.as_qmp()
+    if hasattr(prog, "report") and st.status == "completed":
+        out["guest"] = prog.report()
+    if args.json:
+        print(json.dumps(out), flush=True)
+    else:
+        print_table(st, "savevm incoming")
+    return 0 if st.status == "completed" else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``savevm demo``: a destination process, this process as the source, and a check."""
+    from savevm.cli.demo import DemoProgram
+
+    cfg = build_config(args)
+    scheme = args.uri.partition(":")[0]
+    if scheme not in ("tcp", "unix"):
+        raise ConfigError("--uri", "the demo runs both ends at once: use tcp:HOST:PORT or unix:PATH")
+    dest_cmd = [sys.executable, "-m", "savevm.cli", "incoming", args.uri, "--print-uri", "--json",
+                "--guest", "savevm.cli.demo:DemoProgram", "--guest-arg", f"size={args.size}",
+                "--guest-arg", f"blocks={args.blocks}", "--guest-arg", "role=destination",
+                "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "120"]
+    if args.corrupt_dest_page is not None:
+        dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
+    t_fill = time.monotonic()
+    prog = DemoProgram(size=args.size, blocks=args.blocks, fill=args.fill, dirty_rate=args.dirty_rate,
+                       role="source", dirty=args.dirty_tracking)
+    fill_s = time.monotonic() - t_fill
+    dest = subprocess.Popen(dest_cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert dest.stdout is not None
+        uri = dest.stdout.readline().strip()
+        if not uri:
+            dest.wait(30)
+            raise MigrationError(f"the destination process exited ({dest.returncode}) before listening")
+        reg = _registry(cfg)
+        prog.register(reg)
+        prog.start()
+        if not args.json:
+            print(f"savevm demo: {human(prog.ram.total_bytes)} in {len(prog.ram)} blocks ({args.fill}, "
+                  f"filled in {fill_s:.1f}s), dirtying {args.dirty_rate}/s, "
+                  f"destination pid {dest.pid} on {uri}", file=sys.stderr)
+        time.sleep(0.2)  # let the workload run a little before migrating
+        mig = Migration(reg, uri, guest=prog, config=cfg)
+        mig.start()
+        deadline = time.monotonic() + args.timeout
+
+        def done() -> bool:
+            if time.monotonic() > deadline and mig.is_running():
+                mig.cancel()
+            return mig._done.is_set()
+
+        watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
+        st = mig.wait()
+        source_sums = prog.checksums() if st.status == "completed" else {}
+        prog.stop()
+        out_text, _ = dest.communicate(timeout=120)
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+            dest.wait()
+    dest_report: dict[str, Any] = {}
+    for line in out_text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                dest_report = json.loads(line)
+            except ValueError:
+                pass
+    dest_sums = (dest_report.get("guest") or {}).get("checksums", {})
+    verified = st.status == "completed" and bool(source_sums) and source_sums == dest_sums
+    mismatched = sorted(k for k in source_sums if source_sums.get(k) != dest_sums.get(k))
+    out = st.as_qmp()
+    out["verified"] = verified
+    out["destination-status"] = dest_report.get("status", "unknown")
+    if mismatched:
+        out["mismatched"] = mismatched
+    if args.json:
+        print(json.dumps(out))
+    else:
+        extra = {"destination": out["destination-status"],
+                 "verified": "yes (checksums of every block and the device match)" if verified
+                 else f"NO - mismatched: {', '.join(mismatched) or 'no checksums'}"}
+        print_table(st, "savevm demo", extra)
+    return 0 if verified else 1
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``savevm analyze FILE``: sections, RAM blocks and page counts of a stream file."""
+    from savevm.cli.analyze import analyze_file
+
+    report = analyze_file(args.file, machine=args.machine)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"== {args.file} ==")
+        print(f"machine      {report['machine']}")
+        print(f"bytes        {report['bytes']}")
+        for s in report["sections"]:
+            print(f"section      {s['idstr']} instance {s['instance_id']} version {s['version_id']} ({s['how']})")
+        for b in report["ram"]["blocks"]:
+            print(f"ram block    {b['idstr']}  {human(b['used_length'])}  pages loaded {b['pages']}")
+        print(f"ram records  zero {report['ram']['zero']}  normal {report['ram']['normal']}  "
+              f"xbzrle {report['ram']['xbzrle']}  compressed {report['ram']['compressed']}")
+    return 0 if report["status"] == "ok" else 1
+
+
+__all__ = ["MigrationState", "cmd_analyze", "cmd_demo", "cmd_incoming", "cmd_migrate"]

@@ -1,0 +1,182 @@
+"""The demo program: RAM blocks plus a device, rewritten at a steady rate.
+
+``savevm demo`` migrates it between two processes; ``savevm migrate
+--guest savevm.cli.demo:DemoProgram`` and ``savevm incoming ... --guest
+savevm.cli.demo:DemoProgram --guest-arg role=destination`` do the same by
+hand.  The workload dirties ``dirty_rate / 4096`` pages per second, changing
+a 256-byte stretch in each (so XBZRLE has something to win), and honours
+pause and throttle the way a vCPU does under QEMU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Any
+
+import attrs
+import numpy as np
+
+from savevm import vmstate as vs
+from savevm.config import parse_size
+from savevm.errors import ConfigError
+
+#: Bytes rewritten inside each dirtied page.
+STRETCH = 256
+TICK = 0.01
+
+
+@vs.vmsd("demo-device", version_id=2, minimum_version_id=1,
+         subsections=[vs.Subsection("demo-device/stats", needed=lambda d: d.writes > 0)])
+@attrs.define
+class DemoDevice:
+    """A small device: counters, a label, registers, and a subsection."""
+
+    counter: int = vs.field(vs.uint64, default=0)
+    seed: int = vs.field(vs.uint32, default=0)
+    label_len: int = vs.field(vs.uint8, default=4)
+    label: bytes = vs.field(vs.vbuffer("label_len", max_len=255), default=b"demo")
+    regs: list[int] = vs.field(vs.array(vs.uint32, 8), factory=lambda: [0] * 8)
+    throttle: int = vs.field(vs.uint8, default=0, version_id=2)
+    writes: int = vs.field(vs.uint64, default=0, subsection="demo-device/stats")
+
+    def digest(self) -> str:
+        """A checksum of the migrated fields."""
+        return hashlib.sha256(repr(attrs.astuple(self)).encode()).hexdigest()
+
+
+def _fill(buf: np.ndarray, how: str, seed: int) -> None:
+    if how == "zero":
+        return
+    if how == "random":
+        rng = np.random.default_rng(seed)
+        step = 64 << 20
+        for a in range(0, len(buf), step):
+            n = min(step, len(buf) - a)
+            buf[a : a + n] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
+        return
+    if how == "text":
+        text = (b"savevm demo: the quick brown fox jumps over the lazy dog. " * 80)[:4096]
+        pat = np.frombuffer(text, dtype=np.uint8)
+        view = buf.reshape(-1, 4096)
+        view[:] = pat
+        view[::3, 1024:] = 0  # some sparsity, as real memory has
+        return
+    raise ConfigError("--fill", f"expected random, text or zero, got {how!r}")
+
+
+class DemoProgram:
+    """The synthetic workload; ``role`` is ``source`` or ``destination``."""
+
+    def __init__(self, size: str | int = "256M", blocks: str | int = 2, fill: str = "random",
+                 dirty_rate: str | int = "20M", seed: str | int = 1, role: str = "source",
+                 corrupt_page: str | int | None = None, dirty: str = "tracked") -> None:
+        import savevm_ram
+
+        total = parse_size(size, "--size")
+        nblocks = int(blocks)
+        if nblocks < 1 or total < nblocks * 4096:
+            raise ConfigError("--blocks", f"need 1..{max(total // 4096, 1)} blocks of at least one page")
+        per = (total // nblocks) // 4096 * 4096
+        self.role = role
+        self.rate = parse_size(dirty_rate, "--dirty-rate")
+        self.seed = int(seed)
+        self.corrupt_page = None if corrupt_page in (None, "", "none") else int(corrupt_page)
+        self.buffers = [np.zeros(per, dtype=np.uint8) for _ in range(nblocks)]
+        if role == "source":
+            for i, b in enumerate(self.buffers):
+                _fill(b, fill, self.seed + i)
+        self.ram = savevm_ram.RAMList(
+            [savevm_ram.RAMBlock(f"demo.ram{i}", b, dirty=dirty) for i, b in enumerate(self.buffers)])  # type: ignore[arg-type]
+        self.device = DemoDevice(seed=self.seed, label=b"savevm-demo", label_len=11)
+        self._paused = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stop = threading.Event()
+        self._throttle = 0
+        self._thread: threading.Thread | None = None
+        self.pages_dirtied = 0
+
+    # ------------------------------------------------------------ Program
+    def register(self, registry: Any) -> None:
+        import savevm_ram
+
+        savevm_ram.register_ram(registry, self.ram)
+        registry.register_device("demo-device", 0, self.device)
+
+    def start(self) -> None:
+        if self.role != "source" or self.rate <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="demo-workload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._paused.clear()
+        if self._thread is not None:
+            self._thread.join()
+
+    def pause(self) -> None:
+        self._paused.set()
+        self._idle.wait()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        if self.role == "destination" and self.corrupt_page is not None:
+            # test hook: damage one page after the load, so verification must catch it
+            blk = self.buffers[0]
+            p = self.corrupt_page % (len(blk) // 4096)
+            blk[p * 4096] ^= 0xFF
+
+    def set_throttle(self, percent: int) -> None:
+        self._throttle = max(0, min(99, int(percent)))
+        self.device.throttle = self._throttle
+
+    # ------------------------------------------------------------ workload
+    def _run(self) -> None:
+        rng = np.random.default_rng(self.seed + 1000)
+        pages_per_s = self.rate / 4096
+        blocks = list(self.ram)
+        credit = 0.0
+        last = time.monotonic()
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                self._idle.set()
+                while self._paused.is_set() and not self._stop.is_set():
+                    time.sleep(0.001)
+                last = time.monotonic()
+                continue
+            self._idle.clear()
+            if self._paused.is_set():
+                self._idle.set()
+                continue
+            now = time.monotonic()
+            credit += (now - last) * pages_per_s * (100 - self._throttle) / 100
+            last = now
+            n = int(credit)
+            if n:
+                credit -= n
+                for _ in range(n):
+                    b = blocks[int(rng.integers(len(blocks)))]
+                    page = int(rng.integers(b.pages))
+                    at = page * 4096 + int(rng.integers(0, 4096 - STRETCH))
+                    b.write(at, rng.bytes(STRETCH))
+                self.pages_dirtied += n
+                d = self.device
+                d.counter += 1
+                d.writes += n
+                d.regs[d.counter % 8] = (d.regs[d.counter % 8] + n) & 0xFFFFFFFF
+            self._idle.set()
+            time.sleep(TICK)
+
+    # ------------------------------------------------------------ verification
+    def checksums(self) -> dict[str, str]:
+        """sha256 of every block's used bytes and of the device state."""
+        out = {b.idstr: hashlib.sha256(b.mv[: b.used_length]).hexdigest() for b in self.ram}
+        out["demo-device"] = self.device.digest()
+        return out
+
+    def report(self) -> dict[str, Any]:
+        return {"checksums": self.checksums(), "pages-dirtied": self.pages_dirtied,
+                "device-counter": self.device.counter}

@@ -1,0 +1,627 @@
+"""Live migration: the source's migration thread and the destination's loader.
+
+:class:`Migration` is QEMU's ``migration_thread``: set up every live
+section, then iterate while the program keeps running, measuring bandwidth
+over 100 ms windows; once what is pending fits in ``bandwidth ×
+downtime-limit`` it pauses the program, completes live sections, sends the
+devices and EOF, and waits for the destination to say it resumed.
+
+:class:`Incoming` is ``process_incoming_migration``: accept one stream,
+load it strictly, and only then resume the program and acknowledge.
+
+The return path is one byte on the same socket (savevm's, QEMU has none
+in plain precopy): ``0x01`` loaded and resumed, or ``0x00`` + a UTF-8
+reason when the destination refused the stream.  A peer that just closes
+(a real QEMU) counts as done; one-way channels (file, exec, fd) end when
+the last byte is written.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from savevm.channels import listen as listen_uri
+from savevm.channels import open_channel
+from savevm.config import MigrationConfig
+from savevm.errors import ChannelError, MigrationCancelled, MigrationError, MigrationFailed
+from savevm.guest import Guest, NullGuest
+from savevm.load import StreamLoader
+from savevm.qemufile import BUFFER_DELAY, QEMUFile
+from savevm.save import StreamWriter
+from savevm.stats import MigrationStats
+
+if TYPE_CHECKING:
+    from savevm.channels.base import Channel, Listener
+    from savevm.plugins import PluginHost
+    from savevm.registry import SectionRegistry
+
+log = structlog.get_logger("savevm.migration")
+
+ACK_OK = b"\x01"
+ACK_FAIL = b"\x00"
+#: How long the source waits for the destination's acknowledgement.
+ACK_TIMEOUT = 60.0
+
+
+class MigrationState(enum.StrEnum):
+    """QEMU's MigrationStatus values used by precopy."""
+
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    DEVICE = "device"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+RUNNING_STATES = frozenset({MigrationState.SETUP, MigrationState.ACTIVE, MigrationState.DEVICE,
+                            MigrationState.CANCELLING})
+_ALLOWED = {
+    MigrationState.NONE: {MigrationState.SETUP, MigrationState.FAILED, MigrationState.CANCELLING},
+    MigrationState.SETUP: {MigrationState.ACTIVE, MigrationState.FAILED, MigrationState.CANCELLING},
+    MigrationState.ACTIVE: {MigrationState.DEVICE, MigrationState.COMPLETED, MigrationState.FAILED,
+                            MigrationState.CANCELLING},
+    MigrationState.DEVICE: {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLING},
+    MigrationState.CANCELLING: {MigrationState.CANCELLED, MigrationState.FAILED},
+}
+
+
+class _StateMachine:
+    """State with cmpxchg-style transitions, events and notifier hooks."""
+
+    side = "source"
+
+    def __init__(self, plugins: PluginHost | None) -> None:
+        self.plugins = plugins
+        self._state = MigrationState.NONE
+        self._state_lock = threading.Lock()
+        self._done = threading.Event()
+        self.error: MigrationError | None = None
+
+    @property
+    def state(self) -> MigrationState:
+        return self._state
+
+    def _set_state(self, new: MigrationState, expect: MigrationState | None = None) -> bool:
+        with self._state_lock:
+            old = self._state
+            if expect is not None and old != expect:
+                return False
+            if new not in _ALLOWED.get(old, set()):
+                return False
+            self._state = new
+        log.info("migrate_set_state", side=self.side, old=old.value, new=new.value)
+        if self.plugins is not None:
+            try:
+                self.plugins.state_changed(self, old.value, new.value)
+            except Exception:
+                log.exception("migration_notifier_failed", new=new.value)
+        if new in (MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED):
+            self._done.set()
+        return True
+
+    def is_running(self) -> bool:
+        """True while in setup, active, device or cancelling."""
+        return self._state in RUNNING_STATES
+
+
+class Migration(_StateMachine):
+    """The source side of one live migration."""
+
+    side = "source"
+
+    def __init__(
+        self,
+        registry: SectionRegistry,
+        uri: str | None = None,
+        *,
+        channel: Channel | None = None,
+        guest: Guest | None = None,
+        config: MigrationConfig | None = None,
+        plugins: PluginHost | None = None,
+    ) -> None:
+        if (uri is None) == (channel is None):
+            raise MigrationError("give exactly one of uri= or channel=")
+        super().__init__(plugins or registry.plugins)
+        self.registry = registry
+        self.uri = uri
+        self.config = config or registry.config
+        self.guest: Guest = guest or NullGuest()
+        self._channel = channel
+        self._f: QEMUFile | None = None
+        self._writer: StreamWriter | None = None
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._params_lock = threading.Lock()
+        self._paused = False
+        # timing and counters (ms unless named otherwise)
+        self._t_start = 0.0
+        self._t_end: float | None = None
+        self.setup_time: int | None = None
+        self.downtime: int | None = None
+        self.expected_downtime: int | None = None
+        self.iterations = 0
+        self.mbps = 0.0
+        self.bandwidth = 0.0  # bytes per ms over the last window
+        self.threshold_size = 0
+        self.throttle_percentage = 0
+        self._dirty_rate_high_cnt = 0
+        self._final_stats: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ public API
+    def start(self) -> None:
+        """Start the migration thread (returns at once)."""
+        if self._thread is not None:
+            raise MigrationError("migration already started")
+        self._t_start = time.monotonic()
+        if not self._set_state(MigrationState.SETUP, MigrationState.NONE):
+            raise MigrationError(f"cannot start a migration in state {self.state}")
+        self._thread = threading.Thread(target=self._thread_main, name="savevm-migration", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        """Wait for the end (completed, failed or cancelled) and return the stats."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"migration still {self.state} after {timeout}s")
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.query()
+
+    def run(self) -> MigrationStats:
+        """Migrate synchronously; raise the error if it failed or was cancelled."""
+        self.start()
+        stats = self.wait()
+        if self.error is not None:
+            raise self.error
+        return stats
+
+    def cancel(self) -> None:
+        """Cancel from any thread; the program is resumed if it was paused."""
+        if self._done.is_set():
+            return
+        if not self._set_state(MigrationState.CANCELLING):
+            return
+        self._cancel.set()
+        ch = self._channel
+        shut = getattr(ch, "shutdown", None)
+        if shut is not None:
+            shut()  # unblock a write stuck in the kernel
+        if self._thread is None:
+            self._finish_cancel()
+
+    def set_parameter(self, name: str, value: Any) -> None:
+        """Change a parameter while running (``max-bandwidth``, ``downtime-limit``, ...)."""
+        with self._params_lock:
+            self.config = self.config.set_parameter(name, value)
+            cfg = self.config
+        if self.registry.plugins is not None:
+            self.registry.plugins.configure(cfg)
+        f = self._f
+        if name == "max-bandwidth" and f is not None and self.state == MigrationState.ACTIVE:
+            f.set_rate_limit(cfg.parameters.max_bandwidth)
+        for e in self.registry.live():
+            hook = getattr(e.handlers, "parameter_changed", None)
+            if hook is not None:
+                hook(name, cfg)
+        log.info("migrate_set_parameter", name=name, value=cfg.param(name))
+
+    def query(self) -> MigrationStats:
+        """Stats now, shaped like query-migrate."""
+        now = time.monotonic()
+        end = self._t_end or now
+        st = MigrationStats(status=self.state.value)
+        if self._t_start:
+            st.total_time = int((end - self._t_start) * 1000)
+        st.setup_time = self.setup_time
+        if self.state == MigrationState.COMPLETED:
+            st.downtime = self.downtime
+        elif self.is_running():
+            st.expected_downtime = self.expected_downtime
+        sections = self._final_stats if self._final_stats is not None else self._section_stats()
+        ram = sections.get("ram")
+        if ram is not None:
+            ram = dict(ram)
+            if self.state == MigrationState.COMPLETED:
+                ram["remaining"] = 0
+                tt = max(st.total_time or 1, 1)
+                ram["mbps"] = round(ram["transferred"] * 8 / tt / 1000, 3)
+            else:
+                ram["mbps"] = round(self.mbps, 3)
+            st.ram = ram
+        st.xbzrle_cache = sections.get("xbzrle-cache")
+        st.compression = sections.get("compression")
+        st.cpu_throttle_percentage = self.throttle_percentage
+        st.iterations = self.iterations
+        if self._f is not None:
+            st.stream_bytes = self._f.pos
+        if self.error is not None:
+            st.error_desc = str(self.error)
+        if self.plugins is not None:
+            info = st.as_qmp()
+            self.plugins.query_migrate(self, info)
+            known = set(MigrationStats().as_qmp()) | {"total-time", "expected-downtime", "downtime", "setup-time",
+                                                     "ram", "xbzrle-cache", "compression",
+                                                     "cpu-throttle-percentage", "error-desc", "iterations",
+                                                     "stream-bytes"}
+            st.extra = {k: v for k, v in info.items() if k not in known}
+        return st
+
+    def _section_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for e in self.registry.live():
+            q = getattr(e.handlers, "query_stats", None)
+            if q is not None:
+                out.update(q())
+        return out
+
+    # ------------------------------------------------------------ the thread
+    def _thread_main(self) -> None:
+        try:
+            self._migrate()
+        except BaseException as exc:  # every ending is recorded, with its cause
+            if self._cancel.is_set() and self.state == MigrationState.CANCELLING:
+                self._finish_cancel()
+            else:
+                self._fail(exc)
+        finally:
+            self._t_end = time.monotonic()
+            self._cleanup()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled")
+
+    def _migrate(self) -> None:
+        cfg = self.config
+        if self._channel is None:
+            assert self.uri is not None
+            self._channel = open_channel(self.uri, self.registry.plugins)
+        self._check_cancel()
+        f = self._f = QEMUFile(self._channel, writable=True, rate_limit=cfg.parameters.max_bandwidth)
+        w = self._writer = StreamWriter(f, self.registry, cfg)
+        for e in self.registry.live():
+            if hasattr(e.handlers, "throttle_listener"):
+                e.handlers.throttle_listener = self._on_dirty_period  # type: ignore[union-attr]
+        w.header()
+        w.setup()
+        self._check_cancel()
+        self.setup_time = int((time.monotonic() - self._t_start) * 1000)
+        if not self._set_state(MigrationState.ACTIVE, MigrationState.SETUP):
+            self._check_cancel()
+        log.info("migration_setup_done", setup_time=self.setup_time)
+        window_start = time.monotonic()
+        window_bytes = f.pos
+        f.reset_rate_limit()
+        while True:
+            self._check_cancel()
+            f.check_error()
+            pending = w.pending(self.threshold_size)
+            if pending and pending >= self.threshold_size:
+                w.iterate()
+                self.iterations += 1
+            else:
+                log.info("migration_completion", pending=pending, threshold=self.threshold_size,
+                         iterations=self.iterations)
+                self._complete(w, f)
+                return
+            # migration_update_counters + migration_rate_limit, once per loop
+            now = time.monotonic()
+            elapsed = now - window_start
+            if elapsed >= BUFFER_DELAY:
+                sent = f.pos - window_bytes
+                self.bandwidth = sent / (elapsed * 1000)
+                dl = self.config.parameters.downtime_limit
+                self.threshold_size = int(self.bandwidth * dl)
+                self.mbps = sent * 8 / elapsed / 1e6
+                remaining = pending
+                if self.bandwidth > 0:
+                    self.expected_downtime = int(remaining / self.bandwidth)
+                log.debug("migrate_transferred", bytes=sent, ms=round(elapsed * 1000, 1),
+                          bandwidth=round(self.bandwidth, 1), threshold=self.threshold_size,
+                          expected_downtime=self.expected_downtime)
+                window_start = now
+                window_bytes = f.pos
+            f.rate_limit_wait()
+
+    def _complete(self, w: StreamWriter, f: QEMUFile) -> None:
+        t0 = time.monotonic()
+        self._set_state(MigrationState.DEVICE, MigrationState.ACTIVE)
+        self.guest.pause()
+        self._paused = True
+        self._check_cancel()
+        f.set_rate_limit(0)
+        w.complete_precopy()
+        f.flush()
+        f.check_error()
+        self._final_stats = self._section_stats()
+        # from here the destination may already own the state: cancel is too late
+        self._wait_ack()
+        self.downtime = int((time.monotonic() - t0) * 1000)
+        if self._cancel.is_set():
+            log.warning("migrate_cancel_too_late", reason="stream complete; destination owns the state")
+        with self._state_lock:
+            if self._state == MigrationState.CANCELLING:
+                self._state = MigrationState.DEVICE
+        self._set_state(MigrationState.COMPLETED)
+        log.info("migration_completed", downtime=self.downtime, iterations=self.iterations,
+                 bytes=f.pos, total_time=int((time.monotonic() - self._t_start) * 1000))
+
+    def _wait_ack(self) -> None:
+        ch = self._channel
+        sock = getattr(ch, "sock", None)
+        if sock is None:
+            return  # one-way channel: done once written
+        import socket as _s
+
+        try:
+            sock.shutdown(_s.SHUT_WR)
+        except OSError:
+            return
+        sock.settimeout(ACK_TIMEOUT)
+        try:
+            reply = sock.recv(4096)
+            if reply[:1] == ACK_FAIL:
+                rest = reply[1:]
+                while True:
+                    more = sock.recv(4096)
+                    if not more:
+                        break
+                    rest += more
+                raise MigrationFailed(f"destination refused the stream: {rest.decode(errors='replace')}")
+        except TimeoutError as exc:
+            raise MigrationFailed(f"no acknowledgement from the destination within {ACK_TIMEOUT}s") from exc
+        except OSError as exc:
+            raise ChannelError(f"waiting for the destination's acknowledgement failed: {exc}") from exc
+
+    def _on_dirty_period(self, dirty_bytes: int, xfer_bytes: int) -> None:
+        """QEMU's migration_trigger_throttle (auto-converge)."""
+        if not self.config.has("auto-converge"):
+            return
+        p = self.config.parameters
+        threshold = xfer_bytes * p.throttle_trigger_threshold / 100
+        if dirty_bytes > threshold:
+            self._dirty_rate_high_cnt += 1
+            if self._dirty_rate_high_cnt >= 2:
+                self._dirty_rate_high_cnt = 0
+                if self.throttle_percentage == 0:
+                    pct = p.cpu_throttle_initial
+                else:
+                    pct = min(self.throttle_percentage + p.cpu_throttle_increment, p.max_cpu_throttle)
+                self.throttle_percentage = pct
+                log.info("migration_throttle", percent=pct, dirty_bytes=dirty_bytes, xfer_bytes=xfer_bytes)
+                self.guest.set_throttle(pct)
+
+    # ------------------------------------------------------------ endings
+    def _peer_reason(self) -> str | None:
+        """After a write error, the destination may have said why it refused."""
+        sock = getattr(self._channel, "sock", None)
+        if sock is None:
+            return None
+        try:
+            sock.settimeout(0.2)
+            data = sock.recv(4096)
+        except OSError:
+            return None
+        if data[:1] == ACK_FAIL and len(data) > 1:
+            return data[1:].decode(errors="replace")
+        return None
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, MigrationError):
+            err: MigrationError = exc
+        else:
+            err = MigrationFailed(f"migration failed: {exc!r}")
+            err.__cause__ = exc
+        if isinstance(exc, ChannelError):
+            reason = self._peer_reason()
+            if reason:
+                err = MigrationFailed(f"destination refused the stream: {reason}")
+                err.__cause__ = exc
+        self.error = err
+        log.error("migrate_fd_error", error=str(err))
+        self._abort_sections()
+        self._resume_guest()
+        with self._state_lock:
+            if self._state == MigrationState.CANCELLING:
+                self._state = MigrationState.ACTIVE  # a failure while cancelling is still a failure
+        self._set_state(MigrationState.FAILED)
+
+    def _finish_cancel(self) -> None:
+        self.error = MigrationCancelled("migration cancelled by the user")
+        self._abort_sections()
+        self._resume_guest()
+        self._set_state(MigrationState.CANCELLED, MigrationState.CANCELLING)
+
+    def _abort_sections(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+        abort = getattr(self._channel, "abort", None)
+        if abort is not None:
+            abort()
+
+    def _resume_guest(self) -> None:
+        if self._paused:
+            self._paused = False
+            try:
+                self.guest.resume()
+            except Exception:
+                log.exception("guest_resume_failed")
+
+    def _cleanup(self) -> None:
+        if self._writer is not None:
+            self._writer.cleanup()
+        for e in self.registry.live():
+            if hasattr(e.handlers, "throttle_listener"):
+                e.handlers.throttle_listener = None  # type: ignore[union-attr]
+        if self.throttle_percentage:
+            self.throttle_percentage = 0
+        try:
+            self.guest.set_throttle(0)
+        except Exception:
+            log.exception("guest_throttle_reset_failed")
+        ch = self._channel
+        if ch is not None:
+            try:
+                ch.close()
+            except Exception as exc:  # exec: a failing command is a failed migration
+                if self.state == MigrationState.COMPLETED:
+                    log.warning("channel_close_failed", error=str(exc))
+        self._done.set()
+
+
+class Incoming(_StateMachine):
+    """The destination side: accept one stream and load it."""
+
+    side = "destination"
+
+    def __init__(
+        self,
+        registry: SectionRegistry,
+        uri: str | None = None,
+        *,
+        channel: Channel | None = None,
+        guest: Guest | None = None,
+        config: MigrationConfig | None = None,
+        plugins: PluginHost | None = None,
+    ) -> None:
+        if (uri is None) == (channel is None):
+            raise MigrationError("give exactly one of uri= or channel=")
+        super().__init__(plugins or registry.plugins)
+        self.registry = registry
+        self.config = config or registry.config
+        self.guest: Guest = guest or NullGuest()
+        self._channel = channel
+        self._listener: Listener | None = None
+        self.uri = uri
+        self._thread: threading.Thread | None = None
+        self._t_start = 0.0
+        self._t_end: float | None = None
+        self._f: QEMUFile | None = None
+        self.bytes_loaded = 0
+        self.accept_timeout: float | None = None
+
+    def listen(self) -> str:
+        """Start listening; returns the real URI (``tcp:127.0.0.1:0`` gets its port)."""
+        if self._channel is None and self._listener is None:
+            assert self.uri is not None
+            self._listener = listen_uri(self.uri, self.registry.plugins)
+            self.uri = self._listener.uri
+            log.info("migration_incoming_listen", uri=self.uri)
+        return self.uri or "channel"
+
+    def start(self) -> None:
+        """Listen (if not yet) and load in a background thread."""
+        self.listen()
+        self._thread = threading.Thread(target=self._thread_main, name="savevm-incoming", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        """Wait until the load completed or failed; return stats."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"incoming migration still {self.state} after {timeout}s")
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.query()
+
+    def run(self) -> MigrationStats:
+        """Load synchronously; raise if it failed."""
+        self.start()
+        stats = self.wait()
+        if self.error is not None:
+            raise self.error
+        return stats
+
+    def cancel(self) -> None:
+        """Stop waiting / loading; what was loaded is discarded (guest not resumed)."""
+        if self._done.is_set():
+            return
+        if self._listener is not None:
+            self._listener.close()
+        shut = getattr(self._channel, "shutdown", None)
+        if shut is not None:
+            shut()
+        if self._thread is None:
+            self._fail(MigrationCancelled("incoming migration cancelled"))
+
+    def query(self) -> MigrationStats:
+        """Destination-side stats (status, total-time, ram pages loaded)."""
+        st = MigrationStats(status=self.state.value)
+        if self._t_start:
+            st.total_time = int(((self._t_end or time.monotonic()) - self._t_start) * 1000)
+        if self._f is not None:
+            st.stream_bytes = self._f.pos
+        ram: dict[str, Any] = {}
+        for e in self.registry.live():
+            c = getattr(e.handlers, "counters", None)
+            if c is not None and hasattr(c, "loaded_pages"):
+                ram = {"loaded-pages": c.loaded_pages, "total": c.total}
+        if ram:
+            st.ram = ram
+        if self.error is not None:
+            st.error_desc = str(self.error)
+        return st
+
+    def _thread_main(self) -> None:
+        try:
+            self._load()
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._t_end = time.monotonic()
+            if self._listener is not None:
+                self._listener.close()
+            if self._channel is not None:
+                try:
+                    self._channel.close()
+                except Exception:
+                    log.debug("incoming_channel_close_failed")
+            self._done.set()
+
+    def _load(self) -> None:
+        if self._channel is None:
+            assert self._listener is not None
+            self._channel = self._listener.accept(self.accept_timeout)
+        self._t_start = time.monotonic()
+        self._set_state(MigrationState.SETUP)
+        self._set_state(MigrationState.ACTIVE)
+        f = self._f = QEMUFile(self._channel)
+        StreamLoader(f, self.registry, self.config).load()
+        self.bytes_loaded = f.pos
+        self.guest.resume()
+        self._send(ACK_OK)
+        self._set_state(MigrationState.DEVICE)
+        self._set_state(MigrationState.COMPLETED)
+        log.info("migration_incoming_completed", bytes=f.pos)
+
+    def _send(self, data: bytes) -> None:
+        sock = getattr(self._channel, "sock", None)
+        if sock is None:
+            return
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            log.warning("incoming_ack_failed", error=str(exc))
+
+    def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, MigrationError):
+            err: MigrationError = exc
+        else:
+            err = MigrationFailed(f"incoming migration failed: {exc!r}")
+            err.__cause__ = exc
+        self.error = err
+        log.error("load_migration_failed", error=str(err))
+        self._send(ACK_FAIL + str(err).encode()[:4000])
+        with self._state_lock:
+            if self._state == MigrationState.NONE:
+                self._state = MigrationState.SETUP
+        self._set_state(MigrationState.FAILED)
+
+
+__all__ = ["Incoming", "Migration", "MigrationState"]
