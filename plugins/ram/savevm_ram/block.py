@@ -48,7 +48,12 @@ class RAMBlock:
             raise RegistrationError(f"RAMBlock idstr must be 1..255 bytes, got {idstr!r}")
         if page_size != PAGE_SIZE:
             raise RegistrationError(f"{idstr}: only {PAGE_SIZE}-byte target pages are supported")
-        mv = memoryview(buffer)
+        # multiprocessing.shared_memory.SharedMemory exposes its memory as .buf
+        raw = buffer.buf if isinstance(getattr(buffer, "buf", None), memoryview) else buffer
+        try:
+            mv = memoryview(raw)
+        except TypeError as exc:
+            raise RegistrationError(f"{idstr}: {type(buffer).__name__} does not expose a buffer") from exc
         if mv.readonly:
             raise RegistrationError(f"{idstr}: the buffer is read-only; a RAMBlock needs writable memory")
         if not mv.c_contiguous:

@@ -58,8 +58,10 @@ _SHIFT = np.uint64(12)
 def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
     """Load one RAM chunk, up to and including its EOS."""
     if version_id != RAM_SECTION_VERSION:
+        # only a START can bring a bad version (PART/END reuse its version), and
+        # there the version field is the be32 just before the payload
         raise VersionMismatchError(
-            f"unsupported version {version_id} for 'ram', expected {RAM_SECTION_VERSION}", f.pos)
+            f"unsupported version {version_id} for 'ram', expected {RAM_SECTION_VERSION}", max(0, f.pos - 4))
     ram = rs.ram
     block = rs.load_last_block
     counters = rs.counters

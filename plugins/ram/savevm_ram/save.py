@@ -220,6 +220,17 @@ class RAMHandlers(SaveVMHandlers):
         self.bitmap.stop()
         for c in self._save_codecs:
             c.save_cleanup(self)
+        self._close_transport_state()
+
+    def _close_transport_state(self) -> None:
+        for st in self.transport_state.values():
+            close = getattr(st, "close", None)
+            if close is not None:
+                close()
+        self.transport_state.clear()
+
+    def load_cleanup(self) -> None:
+        self._close_transport_state()
 
     def cancel(self) -> None:
         self.bitmap.stop()

@@ -1,0 +1,280 @@
+"""An RDMA-style transport: pages by "remote write", the stream carries control.
+
+QEMU's RDMA migration (``migration/rdma.c``) registers the destination's
+RAM with the NIC, writes pages straight into it, and leaves only
+``RAM_SAVE_FLAG_HOOK`` markers and control messages in the stream.  This
+plugin does the same on one host with POSIX shared memory:
+
+* The URI scheme ``rdma:HOST:PORT`` is a TCP control channel marked as RDMA;
+  the hooks act only on such channels, so choosing the transport is a
+  matter of URI (or config), not code.
+* Destination, ``RAM_CONTROL_BLOCK_REG`` (one per block of the MEM_SIZE
+  list): the block is "registered".  A block whose buffer is a
+  ``multiprocessing.shared_memory.SharedMemory`` is registered as itself
+  (true zero-copy remote writes); any other block gets a shared staging
+  region of its size.
+* Source, ``before_iterate(SETUP)`` writes a HOOK record;
+  ``after_iterate(SETUP)`` waits for the destination's answer on the
+  return direction of the socket: the block list (name, length, region
+  name), which must match the source's blocks in count, order and length,
+  as QEMU's RAM_BLOCKS_REQUEST/RESULT exchange requires.
+* Source, ``ram_control_save_page``: a run of pages is copied into the
+  mapped region (the "RDMA write") and never enters the stream.
+* Each ROUND/FINISH: ``before_iterate`` writes HOOK, ``after_iterate``
+  writes the list of written ranges and a REGISTER_FINISHED marker; the
+  destination's HOOK handler reads them and copies staged ranges into its
+  block (nothing to copy for zero-copy blocks).
+
+Control payload format (all big-endian), after the ``be64 0x80`` record:
+``be32 type`` then, for type 9 (REGISTER_FINISHED), ``be32 count`` and
+``count × (be32 block index, be64 offset, be64 length)``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any
+
+import numpy as np
+import structlog
+from savevm.channels.sockets import SocketChannel, TcpTransport
+from savevm.config import MigrationConfig
+from savevm.errors import ChannelError, CorruptStreamError
+from savevm.hookspecs import hookimpl
+from savevm.qemufile import QEMUFile
+
+log = structlog.get_logger("savevm.rdma_stub")
+
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_CONTROL_SETUP, RAM_CONTROL_ROUND, RAM_CONTROL_HOOK, RAM_CONTROL_FINISH, RAM_CONTROL_BLOCK_REG = 0, 1, 2, 3, 4
+#: RDMAControlHeader types used here (qemu-format.md section 7)
+CONTROL_RAM_BLOCKS_REQUEST = 4
+CONTROL_REGISTER_FINISHED = 9
+MAX_RANGES = 1 << 22
+MAX_RESULT = 1 << 20
+
+
+class RdmaChannel(SocketChannel):
+    """A TCP socket that carries the control stream of an RDMA-style migration."""
+
+    rdma = True
+
+
+class _RdmaListener:
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.uri = "rdma:" + inner.uri.partition(":")[2]
+
+    def accept(self, timeout: float | None = None) -> RdmaChannel:
+        ch = self._inner.accept(timeout)
+        return RdmaChannel(ch.sock, "rdma:" + ch.name)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class RdmaTransport:
+    """``rdma:HOST:PORT``: control over TCP, pages through shared memory."""
+
+    scheme = "rdma"
+
+    def connect(self, address: str) -> RdmaChannel:
+        ch = TcpTransport().connect(address)
+        return RdmaChannel(ch.sock, f"rdma:{address}")
+
+    def listen(self, address: str) -> _RdmaListener:
+        return _RdmaListener(TcpTransport().listen(address))
+
+
+def _is_rdma(f: QEMUFile) -> bool:
+    return bool(getattr(f.channel, "rdma", False))
+
+
+@hookimpl
+def savevm_get_transport(scheme: str, config: MigrationConfig) -> Any:
+    """Offer the ``rdma`` scheme."""
+    return RdmaTransport() if scheme == "rdma" else None
+
+
+# --------------------------------------------------------------------------- source
+class _SourceState:
+    def __init__(self) -> None:
+        self.regions: list[tuple[shared_memory.SharedMemory, np.ndarray]] = []
+        self.index: dict[str, int] = {}
+        self.ranges: list[tuple[int, int, int]] = []
+        self.bytes = 0
+
+    def close(self) -> None:
+        """Unmap the destination's regions (the destination owns and unlinks them)."""
+        for shm, _ in self.regions:
+            try:
+                shm.close()
+            except BufferError:
+                pass
+        self.regions.clear()
+
+
+def _src(rs: Any) -> _SourceState:
+    st = rs.transport_state.get("rdma")
+    if st is None:
+        st = rs.transport_state["rdma"] = _SourceState()
+    return st
+
+
+@hookimpl
+def ram_control_before_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
+    """qemu_rdma_registration_start: a HOOK record tells the destination to listen."""
+    if not _is_rdma(f):
+        return
+    f.put_be64(RAM_SAVE_FLAG_HOOK)
+    if flags == RAM_CONTROL_SETUP:
+        f.put_be32(CONTROL_RAM_BLOCKS_REQUEST)
+        f.flush()
+
+
+@hookimpl
+def ram_control_after_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
+    """qemu_rdma_registration_stop: exchange block registrations, or report writes."""
+    if not _is_rdma(f):
+        return
+    st = _src(rs)
+    if flags == RAM_CONTROL_SETUP:
+        _exchange_blocks(rs, f, st)
+        return
+    f.put_be32(CONTROL_REGISTER_FINISHED)
+    f.put_be32(len(st.ranges))
+    for bi, off, ln in st.ranges:
+        f.put_buffer(struct.pack(">IQQ", bi, off, ln))
+    st.ranges.clear()
+
+
+def _exchange_blocks(rs: Any, f: QEMUFile, st: _SourceState) -> None:
+    f.flush()
+    sock = f.channel.sock  # type: ignore[attr-defined]
+    hdr = _recv_exact(sock, 4)
+    (n,) = struct.unpack(">I", hdr)
+    if n > MAX_RESULT:
+        raise ChannelError(f"rdma: block registration result of {n} bytes is implausible")
+    result = json.loads(_recv_exact(sock, n))
+    blocks = list(rs.ram)
+    if len(result) != len(blocks):
+        raise ChannelError(f"rdma: destination registered {len(result)} blocks, source has {len(blocks)}")
+    for i, (b, r) in enumerate(zip(blocks, result)):
+        if r["idstr"] != b.idstr or r["length"] != b.used_length:
+            raise ChannelError(
+                f"rdma: block {i} mismatch: source {b.idstr}/{b.used_length}, destination {r['idstr']}/{r['length']}")
+        shm = shared_memory.SharedMemory(name=r["region"])
+        # Python < 3.13 would unlink an attached segment at exit: it is not ours to remove
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        st.regions.append((shm, np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)))
+        st.index[b.idstr] = i
+    log.info("qemu_rdma_registration_stop", blocks=len(blocks), zero_copy=[r["direct"] for r in result])
+
+
+def _recv_exact(sock: Any, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ChannelError("rdma: control channel closed during block registration")
+        out += chunk
+    return bytes(out)
+
+
+@hookimpl
+def ram_control_save_page(rs: Any, f: QEMUFile, block: Any, offset: int, size: int) -> int | None:
+    """The "RDMA write": copy the run into the destination's registered memory."""
+    if not _is_rdma(f):
+        return None
+    st = _src(rs)
+    i = st.index.get(block.idstr)
+    if i is None:
+        return None
+    region = st.regions[i][1]
+    region[offset : offset + size] = block.host[offset : offset + size]
+    st.ranges.append((i, offset, size))
+    st.bytes += size
+    return size
+
+
+@hookimpl
+def savevm_configure(config: MigrationConfig, options: dict[str, Any]) -> None:
+    """No options yet; the transport is chosen by the ``rdma:`` URI."""
+
+
+# --------------------------------------------------------------------------- destination
+class _DestState:
+    def __init__(self) -> None:
+        self.blocks: list[Any] = []
+        self.regions: list[tuple[shared_memory.SharedMemory | None, np.ndarray, bool]] = []
+        self.owned: list[shared_memory.SharedMemory] = []
+
+    def close(self) -> None:
+        for shm in self.owned:
+            try:
+                shm.close()
+                shm.unlink()
+            except (OSError, BufferError):
+                pass
+        self.owned.clear()
+
+
+def _dst(rs: Any) -> _DestState:
+    st = rs.transport_state.get("rdma-dest")
+    if st is None:
+        st = rs.transport_state["rdma-dest"] = _DestState()
+    return st
+
+
+@hookimpl
+def ram_control_load_hook(rs: Any, f: QEMUFile, flags: int, data: Any) -> bool | None:
+    """BLOCK_REG: register a block; HOOK: answer registration or apply reported writes."""
+    if not _is_rdma(f):
+        return None
+    st = _dst(rs)
+    if flags == RAM_CONTROL_BLOCK_REG:
+        _register(st, data)
+        return True
+    if flags != RAM_CONTROL_HOOK:
+        return None
+    off = f.pos
+    kind = f.get_be32()
+    if kind == CONTROL_RAM_BLOCKS_REQUEST:
+        result = [{"idstr": b.idstr, "length": b.used_length, "region": r[0].name if r[0] else "", "direct": r[2]}
+                  for b, r in zip(st.blocks, st.regions)]
+        blob = json.dumps(result).encode()
+        f.channel.sock.sendall(struct.pack(">I", len(blob)) + blob)  # type: ignore[attr-defined]
+        return True
+    if kind != CONTROL_REGISTER_FINISHED:
+        raise CorruptStreamError(f"rdma: unexpected control message type {kind}", off)
+    count = f.get_be32()
+    if count > MAX_RANGES:
+        raise CorruptStreamError(f"rdma: {count} ranges is implausible", off)
+    for _ in range(count):
+        roff = f.pos
+        bi, o, ln = struct.unpack(">IQQ", f.get_bytes(20, limit=20))
+        if bi >= len(st.blocks):
+            raise CorruptStreamError(f"rdma: write to unregistered block {bi}", roff)
+        b = st.blocks[bi]
+        if o + ln > b.used_length or o % 4096 or ln % 4096:
+            raise CorruptStreamError(f"rdma: write [{o}, {o + ln}) outside {b.idstr!r}", roff)
+        shm, region, direct = st.regions[bi]
+        if not direct:
+            b.host[o : o + ln] = region[o : o + ln]
+        rs.counters.loaded_pages += ln // 4096
+    return True
+
+
+def _register(st: _DestState, block: Any) -> None:
+    buf = getattr(block, "buffer", None)
+    if isinstance(buf, shared_memory.SharedMemory):
+        st.blocks.append(block)
+        st.regions.append((buf, block.host, True))
+        return
+    shm = shared_memory.SharedMemory(create=True, size=max(block.used_length, 1))
+    st.owned.append(shm)
+    st.blocks.append(block)
+    st.regions.append((shm, np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf), False))
+    log.debug("rdma_register_block", block=block.idstr, region=shm.name)
