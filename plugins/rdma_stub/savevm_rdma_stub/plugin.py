@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+
 from savevm.channels.sockets import SocketChannel, TcpTransport
 from savevm.config import MigrationConfig
 from savevm.errors import ChannelError, CorruptStreamError
