@@ -167,7 +167,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for b in report["ram"]["blocks"]:
             print(f"ram block    {b['idstr']}  {human(b['used_length'])}  pages loaded {b['pages']}")
         print(f"ram records  zero {report['ram']['zero']}  normal {report['ram']['normal']}  "
-              f"xbzrle {report['ram']['xbzrle']}  compressed {report['ram']['compressed']}")
+              f"encoded (xbzrle/compressed) {report['ram']['encoded']}")
     return 0 if report["status"] == "ok" else 1
 
 

@@ -93,9 +93,11 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
                     f"(used_length 0x{block.used_length:x})", off)
             if kind == _PAGE:
                 f.get_buffer_into(block.mv[addr : addr + PAGE_SIZE])
+                counters.normal += 1
             elif kind == _ZERO:
                 fill = f.get_byte()
                 block.host[addr : addr + PAGE_SIZE] = fill
+                counters.duplicate += 1
             else:
                 codec = rs.codec_for(kind)
                 if codec is None:
@@ -104,6 +106,7 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
                         f"{what} page for {block.idstr!r}@0x{addr:x} but no decoder for flag 0x{kind:x} "
                         f"is installed (plugin savevm-{'xbzrle' if kind == _XBZRLE else 'ram compress'})", off)
                 codec.load_page(f, block, addr // PAGE_SIZE, block.host[addr : addr + PAGE_SIZE], off)
+                counters.encoded += 1
             counters.loaded_pages += 1
         elif kind == _MEM_SIZE:
             _load_block_list(rs, f, addr, off)
@@ -175,9 +178,11 @@ def _fast_run(rs: RAMHandlers, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                     pages2d[first : first + k] = body
                 else:
                     pages2d[idx] = body
+                rs.counters.normal += k
             else:
                 fill = np.ndarray((k, 1), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride, 1))
                 pages2d[idx] = fill
+                rs.counters.duplicate += k
             pos += stride * k
             loaded += k
         f.consume(pos)

@@ -165,7 +165,7 @@ class RAMHandlers(SaveVMHandlers):
         t0 = time.monotonic()
         done = False
         while not f.rate_limit_exceeded():
-            run = self.find_dirty_run()
+            run = self.find_dirty_run(_run_budget(f))
             if run is None:
                 done = True
                 break
@@ -271,8 +271,8 @@ class RAMHandlers(SaveVMHandlers):
             self.counters.downtime_bytes += nbytes
 
     # ---------------------------------------------------------------- search
-    def find_dirty_run(self) -> tuple[int, int, int] | None:
-        """Next run of dirty pages from where the last search stopped.
+    def find_dirty_run(self, max_pages: int = MAX_RUN_PAGES) -> tuple[int, int, int] | None:
+        """Next run of at most ``max_pages`` dirty pages from where the last search stopped.
 
         Returns (block index, first page, page count), or None after a
         complete round found nothing (find_dirty_block's ``again = false``).
@@ -294,7 +294,7 @@ class RAMHandlers(SaveVMHandlers):
             if complete_round and bi == self.last_seen_block and start >= self.last_page:
                 return None
             if start < n:
-                seg = bm[start : min(n, start + MAX_RUN_PAGES)]
+                seg = bm[start : min(n, start + max_pages)]
                 run = len(seg) if seg.all() else int(seg.argmin())
                 self.last_seen_block, self.last_page = bi, start + run
                 return bi, start, run
@@ -451,6 +451,20 @@ class RAMHandlers(SaveVMHandlers):
     def codec_for(self, flag: int) -> PageCodec | None:
         """The destination codec for a wire flag."""
         return self._codec_by_flag.get(flag)
+
+
+def _run_budget(f: QEMUFile) -> int:
+    """Pages the next run may hold so the window's budget is passed by at most one page.
+
+    QEMU checks ``qemu_file_rate_limit`` before every page; we check between
+    runs, so a run must not be longer than what is left of the budget, or a
+    1 MiB run would overshoot a small ``max-bandwidth`` many times over.
+    """
+    limit = f.rate_limit_max
+    if not limit:
+        return MAX_RUN_PAGES
+    left = limit - f.rate_limit_used
+    return max(1, min(MAX_RUN_PAGES, left // (PAGE_SIZE + 8) + 1))
 
 
 def _find_dirty(bm: np.ndarray, page: int, n: int) -> int:
