@@ -33,6 +33,14 @@ class LiveHandlers(Protocol):
 class SaveVMHandlers:
     """Base class with QEMU's handler set and do-nothing defaults."""
 
+    def configure(self, config: Any) -> None:
+        """The migration's :class:`~savevm.config.MigrationConfig`.
+
+        Called when a migration starts and after every ``set_parameter`` /
+        capability change, so sections follow parameters changed while
+        running (e.g. ``xbzrle-cache-size``).
+        """
+
     # ---------------------------------------------------------------- source
     def is_active(self) -> bool:
         """False skips this section in setup, iterate, complete, pending and load_setup."""

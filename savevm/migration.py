@@ -207,9 +207,9 @@ class Migration(_StateMachine):
         if name == "max-bandwidth" and f is not None and self.state == MigrationState.ACTIVE:
             f.set_rate_limit(cfg.parameters.max_bandwidth)
         for e in self.registry.live():
-            hook = getattr(e.handlers, "parameter_changed", None)
-            if hook is not None:
-                hook(name, cfg)
+            configure = getattr(e.handlers, "configure", None)
+            if configure is not None:
+                configure(cfg)
         log.info("migrate_set_parameter", name=name, value=cfg.param(name))
 
     def query(self) -> MigrationStats:
@@ -289,6 +289,9 @@ class Migration(_StateMachine):
         for e in self.registry.live():
             if hasattr(e.handlers, "throttle_listener"):
                 e.handlers.throttle_listener = self._on_dirty_period  # type: ignore[union-attr]
+            configure = getattr(e.handlers, "configure", None)
+            if configure is not None:
+                configure(cfg)
         w.header()
         w.setup()
         self._check_cancel()

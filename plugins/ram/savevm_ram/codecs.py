@@ -61,6 +61,9 @@ class PageCodec:
     def save_setup(self, rs: Any) -> None:
         """Migration start (source)."""
 
+    def configure(self, rs: Any, config: MigrationConfig) -> None:
+        """Parameters changed while running (e.g. ``xbzrle-cache-size``): apply at the next iteration."""
+
     def active(self, rs: Any) -> bool:
         """Use the codec for the current pass?  (XBZRLE: only after the bulk stage.)"""
         return True

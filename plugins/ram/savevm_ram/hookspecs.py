@@ -68,7 +68,9 @@ def ram_control_load_hook(rs: Any, f: QEMUFile, flags: int, data: Any) -> bool |
 def ram_page_codecs(config: MigrationConfig) -> list[PageCodec] | None:
     """Offer page codecs (XBZRLE, zlib, third-party encodings).
 
-    Called on both sides when a RAM section is created.  Return a list of
+    Called on both sides when a RAM section is created and again at the
+    start of each migration (``save_setup`` / ``load_setup``), so a codec
+    plugin registered after the section still takes part.  Return a list of
     :class:`~savevm_ram.codecs.PageCodec` objects, fresh for this
     migration, or None.  Codecs decide on the source whether they are
     enabled (capability); on the destination every returned codec can

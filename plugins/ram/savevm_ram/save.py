@@ -137,6 +137,8 @@ class RAMHandlers(SaveVMHandlers):
         self.last_sent_block = None
         self.bulk_stage = True
         self.counters = RAMCounters(total=self.ram.total_bytes)
+        # fresh codecs for this migration, from the plugins registered by now
+        self.codecs = _collect_codecs(self.plugins, self.config)
         self._save_codecs = [c for c in self.codecs if c.enabled(self.config)]
         for c in self._save_codecs:
             c.save_setup(self)
@@ -215,6 +217,11 @@ class RAMHandlers(SaveVMHandlers):
             self.sync()
             remaining = self.bitmap.remaining_bytes
         return remaining
+
+    def configure(self, config: MigrationConfig) -> None:
+        self.config = config
+        for c in self._save_codecs:
+            c.configure(self, config)
 
     def save_cleanup(self) -> None:
         self.bitmap.stop()
@@ -438,6 +445,7 @@ class RAMHandlers(SaveVMHandlers):
     def load_setup(self) -> None:
         self.load_last_block = None
         self._codec_by_flag = {}
+        self.codecs = _collect_codecs(self.plugins, self.config)
         for c in self.codecs:
             c.load_setup(self)
             self._codec_by_flag[c.wire_flag] = c
