@@ -64,6 +64,9 @@ class PageCodec:
     def configure(self, rs: Any, config: MigrationConfig) -> None:
         """Parameters changed while running (e.g. ``xbzrle-cache-size``): apply at the next iteration."""
 
+    def iteration_start(self, rs: Any) -> None:
+        """A new iteration (PART chunk) begins; apply parameter changes here."""
+
     def active(self, rs: Any) -> bool:
         """Use the codec for the current pass?  (XBZRLE: only after the bulk stage.)"""
         return True

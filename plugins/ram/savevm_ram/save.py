@@ -163,6 +163,8 @@ class RAMHandlers(SaveVMHandlers):
         oob0 = self._oob_bytes
         self._follow_hotplug()
         self.hooks.refresh()
+        for c in self._save_codecs:
+            c.iteration_start(self)
         self.hooks.before_iterate(self, f, RAM_CONTROL_ROUND)
         t0 = time.monotonic()
         done = False

@@ -1,0 +1,141 @@
+"""XBZRLE as a page codec of the RAM plugin (QEMU's save_xbzrle_page / load_xbzrle).
+
+Pipeline rules, as in QEMU 7.2:
+
+* only after the bulk stage (the search's first complete round);
+* cache miss → the page is inserted (not in the last stage) and sent as a
+  normal page *from the copy that was cached*, so what the destination
+  holds and what the cache holds are byte-identical even if the program
+  writes the page again before the socket write;
+* unchanged page → nothing sent; overflow → normal page, cache refreshed;
+* a page sent as zero refreshes its cache entry; the last stage never
+  updates the cache.
+
+Unlike QEMU 7.2, a new ``xbzrle-cache-size`` set while migrating takes
+effect at the next iteration (QEMU keeps the old cache until the next
+migration).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
+
+from savevm.errors import CorruptStreamError
+from savevm_xbzrle.cache import KIND_MISS, KIND_OVERFLOW, KIND_UNCHANGED, KIND_XBZRLE, PageCache, xbzrle_save_batch
+from savevm_xbzrle.codec import decode
+from savevm_xbzrle.stats import XbzrleStats
+
+if TYPE_CHECKING:
+    from savevm_ram.block import RAMBlock
+
+    from savevm.config import MigrationConfig
+    from savevm.qemufile import QEMUFile
+
+log = structlog.get_logger("savevm.xbzrle")
+
+RAM_SAVE_FLAG_XBZRLE = 0x40
+ENCODING_FLAG_XBZRLE = 0x01
+PAGE_SIZE = 4096
+
+
+class XbzrleCodec(PageCodec):
+    """XBZRLE delta pages against a direct-mapped page cache."""
+
+    name = "xbzrle"
+    wire_flag = RAM_SAVE_FLAG_XBZRLE
+    priority = 10
+
+    def __init__(self) -> None:
+        self.cache: PageCache | None = None
+        self.stats = XbzrleStats()
+        self._pending_size: int | None = None
+
+    # ------------------------------------------------------------ source
+    def enabled(self, config: MigrationConfig) -> bool:
+        return config.has("xbzrle")
+
+    def save_setup(self, rs: Any) -> None:
+        size = rs.config.parameters.xbzrle_cache_size
+        self.cache = PageCache(size)
+        self.stats = XbzrleStats(cache_size=size)
+        self._pending_size = None
+
+    def configure(self, rs: Any, config: MigrationConfig) -> None:
+        size = config.parameters.xbzrle_cache_size
+        if self.cache is not None and size != self.cache.size_bytes:
+            self._pending_size = size  # applied at the next iteration start
+
+    def iteration_start(self, rs: Any) -> None:
+        if self._pending_size is not None and self.cache is not None:
+            old = self.cache.size_bytes
+            self.cache.resize(self._pending_size)
+            self.stats.cache_size = self._pending_size
+            log.info("xbzrle_cache_resize", old=old, new=self._pending_size)
+            self._pending_size = None
+
+    def active(self, rs: Any) -> bool:
+        return not rs.bulk_stage
+
+    def encode_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> list[Any]:
+        assert self.cache is not None
+        addrs = block.offset + np.asarray(pages, dtype=np.int64) * PAGE_SIZE
+        data = np.ascontiguousarray(data)  # our own snapshot: what is cached is what is sent
+        r = xbzrle_save_batch(self.cache, addrs, data, rs.bitmap.sync_count, last_stage)
+        st = self.stats
+        st.cache_miss += r.cache_miss
+        st.pages += r.pages
+        st.overflow += r.overflow
+        st.bytes += PAGE_SIZE * r.overflow
+        out: list[Any] = []
+        kinds = r.kind.tolist()
+        for k, kind in enumerate(kinds):
+            if kind == KIND_XBZRLE:
+                enc = r.encoded[k]
+                assert enc is not None
+                body = bytes((ENCODING_FLAG_XBZRLE,)) + len(enc).to_bytes(2, "big") + enc
+                st.bytes += len(body)
+                out.append(body)
+            elif kind == KIND_UNCHANGED:
+                out.append(SKIP)
+            elif kind in (KIND_MISS, KIND_OVERFLOW):
+                out.append(NormalFrom(memoryview(data[k])))
+            else:
+                out.append(None)
+        return out
+
+    def zero_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
+        if self.cache is None:
+            return
+        addrs = block.offset + np.asarray(pages, dtype=np.int64) * PAGE_SIZE
+        self.cache.insert_batch(addrs, None, rs.bitmap.sync_count)
+
+    def on_period(self, rs: Any, pages_sent_delta: int) -> None:
+        self.stats.update_rates(pages_sent_delta)
+
+    def query_stats(self) -> dict[str, Any]:
+        return {"xbzrle-cache": self.stats.as_qmp()}
+
+    # ------------------------------------------------------------ destination
+    def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:
+        flag_off = f.pos
+        flag = f.get_byte()
+        if flag != ENCODING_FLAG_XBZRLE:
+            raise CorruptStreamError(f"XBZRLE page with wrong encoding flag 0x{flag:02x}, expected 0x01", flag_off)
+        len_off = f.pos
+        n = f.get_be16()
+        if n > PAGE_SIZE:
+            raise CorruptStreamError(f"XBZRLE length {n} exceeds the page size {PAGE_SIZE}", len_off)
+        body_off = f.pos
+        enc = f.get_bytes(n, limit=PAGE_SIZE)
+        try:
+            decode(enc, dest)
+        except CorruptStreamError as exc:
+            inner = exc.offset or 0
+            raise CorruptStreamError(
+                f"XBZRLE page {block.idstr!r}@0x{page * PAGE_SIZE:x} does not decode: {exc.detail}",
+                body_off + inner) from exc
