@@ -314,7 +314,11 @@ class Migration(_StateMachine):
                          iterations=self.iterations)
                 self._complete(w, f)
                 return
-            # migration_update_counters + migration_rate_limit, once per loop
+            # migration_rate_limit + migration_update_counters, once per loop.  Wait out the
+            # window first, so a window's bytes are counted before the next iterate fills the
+            # next window (counting after it measured up to two budgets per 100 ms: bandwidth
+            # and threshold_size doubled, and completion started with too much pending)
+            f.rate_limit_wait()
             now = time.monotonic()
             elapsed = now - window_start
             if elapsed >= BUFFER_DELAY:
@@ -331,7 +335,6 @@ class Migration(_StateMachine):
                           expected_downtime=self.expected_downtime)
                 window_start = now
                 window_bytes = f.pos
-            f.rate_limit_wait()
 
     def _complete(self, w: StreamWriter, f: QEMUFile) -> None:
         t0 = time.monotonic()

@@ -265,7 +265,13 @@ class QEMUFile:
             if self.writable:
                 self.flush()
         finally:
-            self.channel.close()
+            # a failed stream must not be published as if it were complete
+            # (file: renames its .part over the target on a plain close)
+            abort = getattr(self.channel, "abort", None)
+            if self._error is not None and abort is not None:
+                abort()
+            else:
+                self.channel.close()
         self.check_error()
 
     # ------------------------------------------------------------ reading

@@ -6,8 +6,9 @@ import threading
 
 import numpy as np
 import pytest
-import savevm
 import savevm_ram
+
+import savevm
 from savevm.channels import memory_pipe
 from savevm.load import StreamLoader
 from savevm.qemufile import QEMUFile
