@@ -84,9 +84,6 @@ class PluginHost:
             except Exception as exc:
                 raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}): {exc}") from exc
             self.pm.register(plugin, name=ep.name)
-            dist = getattr(ep, "dist", None)
-            if dist is not None:
-                self.pm._plugin_distinfo.append((plugin, dist))  # type: ignore[attr-defined]
             log.debug("plugin_loaded", plugin=ep.name)
 
     # ----------------------------------------------------------- management
