@@ -48,7 +48,10 @@ class PageCodec:
 
     #: short name, used in config and stats
     name: str = "codec"
-    #: RAM_SAVE_FLAG_* this codec's pages carry (XBZRLE 0x40, COMPRESS_PAGE 0x100)
+    #: RAM_SAVE_FLAG_* this codec's pages carry (XBZRLE 0x40, COMPRESS_PAGE 0x100).  Leave 0
+    #: for a third-party codec: setup then announces it by ``name`` under the savevm
+    #: extension flag 0x400 and its pages travel as 0x800 + a one-byte codec id, so a
+    #: destination without the plugin refuses the stream at setup instead of misreading pages.
     wire_flag: int = 0
     #: lower runs first
     priority: int = 100

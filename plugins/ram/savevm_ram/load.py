@@ -48,6 +48,8 @@ _CONT = int(Flag.CONTINUE)
 _EOS = int(Flag.EOS)
 _MEM_SIZE = int(Flag.MEM_SIZE)
 _HOOK = int(Flag.HOOK)
+_EXT = int(Flag.SAVEVM_ENCODED)
+_CODECS = int(Flag.SAVEVM_CODECS)
 _PAGE_C = _PAGE | _CONT
 _ZERO_C = _ZERO | _CONT
 _PAGE_REC = 8 + PAGE_SIZE
@@ -74,7 +76,11 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
         flags = v & FLAGS_MASK
         addr = v & PAGE_MASK
         kind = flags & ~_CONT
-        if kind in (_ZERO, _PAGE, _XBZRLE, _COMPRESS):
+        if kind == _EXT and not rs.has_ext_codecs():
+            raise CorruptStreamError(
+                f"unknown combination of RAM flags 0x{flags:x} (a savevm codec page, but setup announced no codecs)",
+                off)
+        if kind in (_ZERO, _PAGE, _XBZRLE, _COMPRESS, _EXT):
             if flags & _CONT:
                 if block is None:
                     raise CorruptStreamError(
@@ -98,6 +104,14 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
                 fill = f.get_byte()
                 block.host[addr : addr + PAGE_SIZE] = fill
                 counters.duplicate += 1
+            elif kind == _EXT:
+                cid_off = f.pos
+                cid = f.get_byte()
+                ext = rs.ext_codec(cid)
+                if ext is None:
+                    raise CorruptStreamError(f"page encoded by codec id {cid}, which setup never announced", cid_off)
+                ext.load_page(f, block, addr // PAGE_SIZE, block.host[addr : addr + PAGE_SIZE], off)
+                counters.encoded += 1
             else:
                 codec = rs.codec_for(kind)
                 if codec is None:
@@ -110,6 +124,13 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
             counters.loaded_pages += 1
         elif kind == _MEM_SIZE:
             _load_block_list(rs, f, addr, off)
+        elif flags == _CODECS:
+            count = f.get_byte()
+            names = {}
+            for _ in range(count):
+                cid = f.get_byte()
+                names[cid] = f.get_counted_string()
+            rs.announce_codecs(names, off)
         elif kind == _EOS:
             if flags != _EOS:
                 raise CorruptStreamError(f"unknown combination of RAM flags 0x{flags:x}", off)

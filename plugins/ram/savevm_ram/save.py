@@ -23,6 +23,7 @@ from savevm_ram.stats import RAMCounters
 from savevm_ram.wire import (
     PAGE_BITS,
     PAGE_SIZE,
+    QEMU_CODEC_FLAGS,
     RAM_CONTROL_FINISH,
     RAM_CONTROL_ROUND,
     RAM_CONTROL_SETUP,
@@ -126,6 +127,8 @@ class RAMHandlers(SaveVMHandlers):
         # destination state
         self.load_last_block: RAMBlock | None = None
         self._codec_by_flag: dict[int, PageCodec] = {}
+        self._ext_codecs: dict[int, PageCodec] = {}
+        self._ext_ids: dict[int, int] = {}
 
     # ================================================================ source
     def save_setup(self, f: QEMUFile) -> None:
@@ -150,6 +153,15 @@ class RAMHandlers(SaveVMHandlers):
         for b in self._blocks:
             f.put_counted_string(b.idstr)
             f.put_be64(b.used_length)
+        ext = [c for c in self._save_codecs if c.wire_flag not in QEMU_CODEC_FLAGS]
+        self._ext_ids = {id(c): i for i, c in enumerate(ext)}
+        if ext:
+            # savevm extension: name the third-party codecs this stream will use
+            f.put_be64(Flag.SAVEVM_CODECS)
+            f.put_byte(len(ext))
+            for i, c in enumerate(ext):
+                f.put_byte(i)
+                f.put_counted_string(c.name)
         self.hooks.refresh()
         self.hooks.before_iterate(self, f, RAM_CONTROL_SETUP)
         self.hooks.after_iterate(self, f, RAM_CONTROL_SETUP)
@@ -397,8 +409,15 @@ class RAMHandlers(SaveVMHandlers):
                 if r is None:
                     keep.append(k)
                 else:
-                    results[k] = r
-                    flags[k] = c.wire_flag
+                    ext_id = self._ext_ids.get(id(c))
+                    if ext_id is None:
+                        results[k] = r
+                        flags[k] = c.wire_flag
+                    elif r is SKIP or isinstance(r, NormalFrom):
+                        results[k] = r
+                    else:
+                        results[k] = bytes((ext_id,)) + bytes(r)
+                        flags[k] = Flag.SAVEVM_ENCODED
             todo = np.asarray(keep, dtype=np.int64)
         if zero.any():
             zpages = first + np.flatnonzero(zero)
@@ -448,9 +467,11 @@ class RAMHandlers(SaveVMHandlers):
         self.load_last_block = None
         self._codec_by_flag = {}
         self.codecs = _collect_codecs(self.plugins, self.config)
+        self._ext_codecs: dict[int, PageCodec] = {}
         for c in self.codecs:
             c.load_setup(self)
-            self._codec_by_flag[c.wire_flag] = c
+            if c.wire_flag in QEMU_CODEC_FLAGS:
+                self._codec_by_flag[c.wire_flag] = c
         self.hooks.refresh()
 
     def load_state(self, f: QEMUFile, version_id: int) -> None:
@@ -461,6 +482,26 @@ class RAMHandlers(SaveVMHandlers):
     def codec_for(self, flag: int) -> PageCodec | None:
         """The destination codec for a wire flag."""
         return self._codec_by_flag.get(flag)
+
+    def announce_codecs(self, names: dict[int, str], offset: int) -> None:
+        """Destination: the source named its third-party codecs; refuse if one is missing."""
+        from savevm.errors import ConfigurationMismatchError
+
+        by_name = {c.name: c for c in self.codecs}
+        missing = sorted(n for n in names.values() if n not in by_name)
+        if missing:
+            raise ConfigurationMismatchError(
+                f"the stream uses page codec(s) {', '.join(map(repr, missing))} but no installed plugin "
+                f"provides them (have: {', '.join(sorted(by_name)) or 'none'})", offset)
+        self._ext_codecs = {i: by_name[n] for i, n in names.items()}
+
+    def has_ext_codecs(self) -> bool:
+        """Did the stream announce third-party codecs?"""
+        return bool(self._ext_codecs)
+
+    def ext_codec(self, codec_id: int) -> PageCodec | None:
+        """Destination: the third-party codec announced under ``codec_id``."""
+        return self._ext_codecs.get(codec_id)
 
 
 def _run_budget(f: QEMUFile) -> int:
@@ -496,9 +537,11 @@ def _collect_codecs(plugins: PluginHost | None, config: MigrationConfig) -> list
     for lst in plugins.hook("ram_page_codecs")(config=config):
         if lst:
             out.extend(lst)
-    flags = [c.wire_flag for c in out]
-    if len(set(flags)) != len(flags):
+    flags = [c.wire_flag for c in out if c.wire_flag]
+    names = [c.name for c in out]
+    if len(set(flags)) != len(flags) or len(set(names)) != len(names):
         from savevm.errors import PluginError
 
-        raise PluginError(f"two page codecs claim the same wire flag: {[(c.name, c.wire_flag) for c in out]}")
+        raise PluginError(
+            f"two page codecs claim the same wire flag or name: {[(c.name, c.wire_flag) for c in out]}")
     return sorted(out, key=lambda c: c.priority)

@@ -28,6 +28,14 @@ class Flag(enum.IntFlag):
     XBZRLE = 0x40
     HOOK = 0x80
     COMPRESS_PAGE = 0x100
+    #: savevm extension (not QEMU): the list of third-party codecs, in the START chunk
+    SAVEVM_CODECS = 0x400
+    #: savevm extension (not QEMU): a page encoded by a third-party codec (u8 codec id + body)
+    SAVEVM_ENCODED = 0x800
+
+
+#: wire flags QEMU itself defines for codecs; any other codec travels as SAVEVM_ENCODED
+QEMU_CODEC_FLAGS = frozenset({0x40, 0x100})
 
 
 #: XBZRLE body starts with this byte (ENCODING_FLAG_XBZRLE).

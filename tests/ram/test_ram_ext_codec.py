@@ -1,0 +1,99 @@
+"""Third-party page codecs: announced at setup, their own flag, refused when missing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import savevm_ram
+from savevm_ram import PageCodec
+from savevm_ram.wire import Flag
+
+import savevm
+from savevm.channels import MemoryChannel
+from savevm.load import StreamLoader
+from savevm.qemufile import QEMUFile
+from savevm.save import save_stream
+
+
+class FillCodec(PageCodec):
+    """Encodes pages made of one repeated byte as that byte (a toy run-length codec)."""
+
+    name = "fill"
+    priority = 50
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def enabled(self, config: savevm.MigrationConfig) -> bool:
+        return True
+
+    def encode_pages(self, rs: Any, block: Any, pages: np.ndarray, data: np.ndarray, last_stage: bool) -> list[Any]:
+        out: list[Any] = []
+        for row in data:
+            if (row == row[0]).all():
+                out.append(bytes((int(row[0]),)))
+                self.encoded += 1
+            else:
+                out.append(None)
+        return out
+
+    def load_page(self, f: Any, block: Any, page: int, dest: np.ndarray, offset: int) -> None:
+        dest[:] = f.get_byte()
+
+
+class FillPlugin:
+    def __init__(self) -> None:
+        self.codecs: list[FillCodec] = []
+
+    @savevm.hookimpl
+    def ram_page_codecs(self, config: savevm.MigrationConfig) -> list[PageCodec]:
+        c = FillCodec()
+        self.codecs.append(c)
+        return [c]
+
+
+def _memory(seed: int) -> np.ndarray:
+    m = np.frombuffer(np.random.default_rng(seed).bytes(64 * 4096), dtype=np.uint8).copy()
+    for p in range(0, 64, 3):
+        m[p * 4096 : (p + 1) * 4096] = 7 + p  # pages of one repeated nonzero byte
+    return m
+
+
+def _stream(src: np.ndarray) -> tuple[bytes, FillPlugin]:
+    plug = FillPlugin()
+    host = savevm.PluginHost()
+    host.register(plug, name="fill")
+    reg = host.new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("m", src)]))
+    ch = MemoryChannel()
+    f = QEMUFile(ch, writable=True)
+    save_stream(f, reg)
+    f.flush()
+    return ch.getvalue(), plug
+
+
+def test_third_party_codec_round_trip() -> None:
+    src = _memory(1)
+    data, plug = _stream(src)
+    assert plug.codecs[-1].encoded == 22
+    assert (int(Flag.SAVEVM_CODECS)).to_bytes(8, "big") + b"\x01\x00\x04fill" in data
+    dst = np.zeros_like(src)
+    host = savevm.PluginHost()
+    host.register(FillPlugin(), name="fill")
+    reg = host.new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("m", dst)]))
+    StreamLoader(QEMUFile(MemoryChannel(data)), reg).load()
+    assert np.array_equal(src, dst)
+
+
+def test_destination_without_the_codec_refuses_at_setup() -> None:
+    data, _ = _stream(_memory(2))
+    dst = np.zeros(64 * 4096, dtype=np.uint8)
+    reg = savevm.PluginHost().new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("m", dst)]))
+    with pytest.raises(savevm.ConfigurationMismatchError, match="'fill'") as ei:
+        StreamLoader(QEMUFile(MemoryChannel(data)), reg).load()
+    assert data[ei.value.offset : ei.value.offset + 8] == int(Flag.SAVEVM_CODECS).to_bytes(8, "big")
+    assert not dst.any(), "refused before any page was written"
