@@ -41,6 +41,7 @@ class PluginHost:
     ) -> None:
         self.config = config or MigrationConfig()
         self.pm = pluggy.PluginManager("savevm")
+        self._dists: dict[str, importlib.metadata.Distribution] = {}
         self.pm.add_hookspecs(hookspecs)
         # Historic: every plugin registered from now on gets savevm_addhooks at
         # registration, so it can add its own hookspecs before check_pending.
@@ -84,6 +85,8 @@ class PluginHost:
             except Exception as exc:
                 raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}): {exc}") from exc
             self.pm.register(plugin, name=ep.name)
+            if getattr(ep, "dist", None) is not None:
+                self._dists[ep.name] = ep.dist
             log.debug("plugin_loaded", plugin=ep.name)
 
     # ----------------------------------------------------------- management
@@ -98,6 +101,10 @@ class PluginHost:
         if n is not None:
             self._configure_one(n, plugin, self.config)
         return n
+
+    def distribution(self, name: str) -> importlib.metadata.Distribution | None:
+        """The installed distribution a plugin loaded from an entry point came from."""
+        return self._dists.get(name)
 
     def names(self) -> list[str]:
         """Names of the registered plugins."""

@@ -86,7 +86,8 @@ def test_entry_point_plugin_loaded(install_dist) -> None:  # noqa: ANN001
     assert mod is sys.modules["fakeplug_mod"]
     assert len(mod.CONFIGURED) == 1
     # the distribution is known to pluggy, as for any installed plugin
-    assert any(d.metadata["Name"] == "fakeplug" for _, d in host.pm.list_plugin_distinfo())
+    dist = host.distribution("fakeplug")
+    assert dist is not None and dist.metadata["Name"] == "fakeplug"
 
 
 def test_entry_point_plugin_blocked_by_config(install_dist) -> None:  # noqa: ANN001

@@ -102,7 +102,8 @@ class RAMBlock:
     # ------------------------------------------------------------------ writes
     def write(self, offset: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Write into the block and mark the touched pages dirty (tracked provider)."""
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        # bytes, not elements: a uint32 array of 4 items writes 16 bytes
+        n = data.nbytes if isinstance(data, (memoryview, np.ndarray)) else len(data)
         if offset < 0 or offset + n > self.used_length:
             raise MigrationError(f"{self.idstr}: write [{offset}, {offset + n}) outside used_length {self.used_length}")
         self.host[offset : offset + n] = np.frombuffer(data, dtype=np.uint8) if not isinstance(
