@@ -204,7 +204,10 @@ class Migration(_StateMachine):
         if self.registry.plugins is not None:
             self.registry.plugins.configure(cfg)
         f = self._f
-        if name == "max-bandwidth" and f is not None and self.state == MigrationState.ACTIVE:
+        # QEMU applies it whenever the stream exists (setup included); during completion the
+        # stream runs unlimited and stays so
+        if name == "max-bandwidth" and f is not None and self.state in (MigrationState.SETUP,
+                                                                         MigrationState.ACTIVE):
             f.set_rate_limit(cfg.parameters.max_bandwidth)
         for e in self.registry.live():
             configure = getattr(e.handlers, "configure", None)
@@ -301,6 +304,8 @@ class Migration(_StateMachine):
         log.info("migration_setup_done", setup_time=self.setup_time)
         window_start = time.monotonic()
         window_bytes = f.pos
+        # a max-bandwidth set after the stream was opened but before it was published in _f
+        f.set_rate_limit(self.config.parameters.max_bandwidth)
         f.reset_rate_limit()
         while True:
             self._check_cancel()

@@ -130,8 +130,10 @@ class DemoProgram:
             blk[p * 4096] ^= 0xFF
 
     def set_throttle(self, percent: int) -> None:
+        # only the running workload writes the device (below): the migration resets the
+        # throttle after completion, while the program stays paused, and a paused program
+        # must not change migrated state (the destination would no longer match)
         self._throttle = max(0, min(99, int(percent)))
-        self.device.throttle = self._throttle
 
     # ------------------------------------------------------------ workload
     def _run(self) -> None:
@@ -167,6 +169,7 @@ class DemoProgram:
                 d.counter += 1
                 d.writes += n
                 d.regs[d.counter % 8] = (d.regs[d.counter % 8] + n) & 0xFFFFFFFF
+                d.throttle = self._throttle
             self._idle.set()
             time.sleep(TICK)
 
