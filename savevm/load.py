@@ -9,6 +9,7 @@ EOF, so a failed load leaves the destination's devices untouched.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -63,8 +64,11 @@ class StreamLoader:
     """The load side of one stream."""
 
     def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
-                 *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None) -> None:
+                 *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None,
+                 on_eof: Callable[[], None] | None = None) -> None:
         self.f = f
+        #: called when the EOF byte is read (the Incoming side tells the source it got everything)
+        self.on_eof = on_eof
         #: device sizes from a vmdesc read ahead of time, to skip devices we do not model
         self._skip_sizes = device_sizes(vmdesc) if vmdesc else {}
         self.registry = registry
@@ -183,6 +187,8 @@ class StreamLoader:
                 self._part_end(SectionType(t), off)
             elif t == SectionType.EOF:
                 log.debug("qemu_loadvm_state_section", type="EOF")
+                if self.on_eof is not None:
+                    self.on_eof()
                 return
             elif t == SectionType.COMMAND:
                 self._command(off)

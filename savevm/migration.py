@@ -9,10 +9,13 @@ devices and EOF, and waits for the destination to say it resumed.
 :class:`Incoming` is ``process_incoming_migration``: accept one stream,
 load it strictly, and only then resume the program and acknowledge.
 
-The return path is one byte on the same socket (savevm's, QEMU has none
-in plain precopy): ``0x01`` loaded and resumed, or ``0x00`` + a UTF-8
-reason when the destination refused the stream.  A peer that just closes
-(a real QEMU) counts as done; one-way channels (file, exec, fd) end when
+The return path is a few bytes on the same socket (savevm's; QEMU has
+none in plain precopy): ``0x02`` when the destination has read the EOF
+byte, then ``0x01`` once it has committed and resumed, or ``0x00`` + a
+UTF-8 reason when it refused the stream.  A peer that closes without
+saying anything (a real QEMU) counts as done; one that said ``0x02`` and
+then closed without ``0x01`` died while taking over, and the migration
+fails so the source resumes.  One-way channels (file, exec, fd) end when
 the last byte is written.
 """
 
@@ -44,6 +47,8 @@ log = structlog.get_logger("savevm.migration")
 
 ACK_OK = b"\x01"
 ACK_FAIL = b"\x00"
+#: the destination has read the whole stream (sent before committing)
+RP_GOT_EOF = b"\x02"
 #: How long the source waits for the destination's acknowledgement.
 ACK_TIMEOUT = 60.0
 
@@ -376,20 +381,27 @@ class Migration(_StateMachine):
         except OSError:
             return
         sock.settimeout(ACK_TIMEOUT)
+        data = b""
         try:
-            reply = sock.recv(4096)
-            if reply[:1] == ACK_FAIL:
-                rest = reply[1:]
-                while True:
-                    more = sock.recv(4096)
-                    if not more:
-                        break
-                    rest += more
-                raise MigrationFailed(f"destination refused the stream: {rest.decode(errors='replace')}")
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+                body = data.lstrip(RP_GOT_EOF)
+                if body[:1] == ACK_OK:
+                    return
         except TimeoutError as exc:
             raise MigrationFailed(f"no acknowledgement from the destination within {ACK_TIMEOUT}s") from exc
         except OSError as exc:
             raise ChannelError(f"waiting for the destination's acknowledgement failed: {exc}") from exc
+        body = data.lstrip(RP_GOT_EOF)
+        if body[:1] == ACK_FAIL:
+            raise MigrationFailed(f"destination refused the stream: {body[1:].decode(errors='replace')}")
+        if data.startswith(RP_GOT_EOF):
+            raise MigrationFailed("the destination read the whole stream but closed without confirming it "
+                                  "took over; the source keeps running")
+        # nothing at all: a peer without savevm's return path (e.g. QEMU) that closed after loading
 
     def _on_dirty_period(self, dirty_bytes: int, xfer_bytes: int) -> None:
         """QEMU's migration_trigger_throttle (auto-converge)."""
@@ -420,6 +432,7 @@ class Migration(_StateMachine):
             data = sock.recv(4096)
         except OSError:
             return None
+        data = data.lstrip(RP_GOT_EOF)
         if data[:1] == ACK_FAIL and len(data) > 1:
             return data[1:].decode(errors="replace")
         return None
@@ -603,7 +616,7 @@ class Incoming(_StateMachine):
         self._set_state(MigrationState.SETUP)
         self._set_state(MigrationState.ACTIVE)
         f = self._f = QEMUFile(self._channel)
-        StreamLoader(f, self.registry, self.config).load()
+        StreamLoader(f, self.registry, self.config, on_eof=lambda: self._send(RP_GOT_EOF)).load()
         self.bytes_loaded = f.pos
         self.guest.resume()
         self._send(ACK_OK)

@@ -73,3 +73,12 @@ class DeviceOnlyDemo(DemoProgram):
 
     def register(self, registry: Any) -> None:
         registry.register_device("demo-device", 0, self.device)
+
+
+class DiesOnResumeDemo(DemoProgram):
+    """A destination that reads the whole stream, then dies while taking over."""
+
+    def resume(self) -> None:
+        import os
+
+        os._exit(3)

@@ -175,3 +175,19 @@ def test_destination_without_ram_refuses_while_pages_flow(session: Session) -> N
     assert rc != 0
     assert report is not None and report["status"] == "failed"
     assert "unknown section 'ram'" in report["error-desc"]
+
+
+def test_destination_dying_after_eof_but_before_ack_fails_the_migration(session: Session) -> None:
+    # the destination says it read EOF (0x02) and then dies before committing: the source
+    # must not believe it took over, and must resume its program
+    dest = session.destination(guest="migration_guests:DiesOnResumeDemo", size="16M")
+    src = session.source(MigrationConfig(), size="16M", dirty_rate="0")
+    before = src.prog.checksums()
+    mig = src.migrate(dest.uri)
+    st = mig.wait(MIGRATION_TIMEOUT)
+    assert st.status == "failed", st
+    assert "closed without confirming" in str(mig.error)
+    assert not src.prog.is_paused
+    assert src.prog.checksums() == before
+    rc, _ = dest.finish(60)
+    assert rc == 3
