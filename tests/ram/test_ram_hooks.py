@@ -155,6 +155,11 @@ class SavePageSpy:
         self.runs: list[tuple[str, int, int]] = []
 
     @hookimpl
+    def ram_control_before_iterate(self, rs: Any, f: QEMUFile, flags: int) -> None:
+        if flags == 0:  # RAM_CONTROL_SETUP: this migration's pages are ours to see
+            rs.claim_pages()
+
+    @hookimpl
     def ram_control_save_page(self, rs: Any, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> int | None:
         self.runs.append((block.idstr, offset, size))
         if not self.take:
@@ -412,6 +417,11 @@ def test_save_page_special_results(ret: str) -> None:
 
     class Special:
         @hookimpl
+        def ram_control_before_iterate(self, rs: Any, f: QEMUFile, flags: int) -> None:
+            if flags == 0:
+                rs.claim_pages()
+
+        @hookimpl
         def ram_control_save_page(self, rs: Any, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> int:
             if ret == "not_supp":
                 return RAM_SAVE_CONTROL_NOT_SUPP
@@ -425,3 +435,20 @@ def test_save_page_special_results(ret: str) -> None:
     assert h.counters.control == (0 if ret == "not_supp" else 20)
     load_into(stream, dst)
     assert_same(ram, dst)
+
+
+def test_save_page_not_called_unless_claimed() -> None:
+    """An installed transport that does not claim the migration costs nothing per run."""
+    ram = src_ram({"a": 64})
+
+    class Idle:
+        calls = 0
+
+        @hookimpl
+        def ram_control_save_page(self, rs: Any, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> None:
+            Idle.calls += 1
+
+    reg, _ = registry_with(ram, Idle())
+    stream, _ = migrate(reg)
+    assert Idle.calls == 0
+    assert len(rs.page_records(rs.parse_stream(stream))) == 64

@@ -163,6 +163,11 @@ class DirtyBitmap:
         self.bitmaps[b.idstr][first : first + count] = False
         self.dirty_pages -= count
 
+    def clear_pages(self, b: RAMBlock, pages: np.ndarray) -> None:
+        """Clear the bits of pages just sent (known set), by index."""
+        self.bitmaps[b.idstr][pages] = False
+        self.dirty_pages -= len(pages)
+
     @property
     def remaining_bytes(self) -> int:
         """Dirty pages × page size (query-migrate ``remaining``)."""

@@ -49,6 +49,12 @@ def ram_control_save_page(rs: Any, f: QEMUFile, block: RAMBlock, offset: int, si
     limit), ``RAM_SAVE_CONTROL_DELAYED`` if queued asynchronously, or None
     if the transport does not take them (they go through the normal
     pipeline).  Stops at the first non-None result.
+
+    Called only for migrations a transport has claimed: an implementation
+    calls ``rs.claim_pages()`` from ``ram_control_before_iterate`` with
+    ``RAM_CONTROL_SETUP`` when the migration is its own (e.g. its channel).
+    An installed transport that is not in use therefore costs nothing on
+    the hot path, and contiguous-run splitting happens only when needed.
     """
 
 

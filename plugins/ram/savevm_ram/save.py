@@ -112,6 +112,8 @@ class RAMHandlers(SaveVMHandlers):
         #: called with (dirty_bytes_period, transferred_bytes_period) at each >= 1 s sync period
         self.throttle_listener: Any = None
         self.last_stage = False
+        #: a transport claimed this migration's pages (ram_control_save_page is called)
+        self._pages_claimed = False
         # search state (RAMState)
         self._blocks: list[RAMBlock] = list(ram)
         self._ram_version = ram.version
@@ -163,6 +165,7 @@ class RAMHandlers(SaveVMHandlers):
                 f.put_byte(i)
                 f.put_counted_string(c.name)
         self.hooks.refresh()
+        self._pages_claimed = False
         self.hooks.before_iterate(self, f, RAM_CONTROL_SETUP)
         self.hooks.after_iterate(self, f, RAM_CONTROL_SETUP)
         f.put_be64(Flag.EOS)
@@ -181,11 +184,11 @@ class RAMHandlers(SaveVMHandlers):
         t0 = time.monotonic()
         done = False
         while not f.rate_limit_exceeded():
-            run = self.find_dirty_run(_run_budget(f))
-            if run is None:
+            batch = self.find_dirty_batch(_run_budget(f))
+            if batch is None:
                 done = True
                 break
-            self._save_run(f, *run, last_stage=False)
+            self._save_batch(f, *batch, last_stage=False)
             if time.monotonic() - t0 > MAX_WAIT:
                 break
         self.hooks.after_iterate(self, f, RAM_CONTROL_ROUND)
@@ -203,8 +206,8 @@ class RAMHandlers(SaveVMHandlers):
         self.sync()
         self.hooks.refresh()
         self.hooks.before_iterate(self, f, RAM_CONTROL_FINISH)
-        while (run := self.find_dirty_run()) is not None:
-            self._save_run(f, *run, last_stage=True)
+        while (batch := self.find_dirty_batch()) is not None:
+            self._save_batch(f, *batch, last_stage=True)
         self.hooks.after_iterate(self, f, RAM_CONTROL_FINISH)
         f.put_be64(Flag.EOS)
         f.flush()
@@ -231,6 +234,10 @@ class RAMHandlers(SaveVMHandlers):
             self.sync()
             remaining = self.bitmap.remaining_bytes
         return remaining
+
+    def claim_pages(self) -> None:
+        """A transport takes pages through ``ram_control_save_page`` in this migration."""
+        self._pages_claimed = True
 
     def configure(self, config: MigrationConfig) -> None:
         self.config = config
@@ -328,12 +335,78 @@ class RAMHandlers(SaveVMHandlers):
                     self.bulk_stage = False
                     log.debug("ram_bulk_stage_end", sync_count=self.bitmap.sync_count)
 
+    def find_dirty_batch(self, max_pages: int = MAX_RUN_PAGES) -> tuple[int, np.ndarray] | None:
+        """Up to ``max_pages`` dirty pages of one block, in order, from where the search stopped.
+
+        The same walk as :meth:`find_dirty_run` (and QEMU's find_dirty_block),
+        but the pages need not be contiguous: one ``flatnonzero`` over a bitmap
+        window finds them all, so a sparse bitmap (a live workload's random
+        writes) costs one numpy call per batch instead of several per page.
+        """
+        blocks = self._blocks
+        if not blocks:
+            return None
+        bi, page = self.last_seen_block, self.last_page
+        if bi >= len(blocks):
+            bi, page = 0, 0
+        start_bi, start_page = bi, page
+        complete_round = False
+        bitmaps = self.bitmap.bitmaps
+        while True:
+            b = blocks[bi]
+            bm = bitmaps[b.idstr]
+            n = b.pages
+            if complete_round and bi == start_bi:
+                n = min(n, start_page)  # back where we began: only what lies before it
+            while page < n:
+                end = min(n, page + SEARCH_WINDOW)
+                nz = np.flatnonzero(bm[page:end])
+                if nz.size:
+                    idx = nz[:max_pages] + page
+                    self.last_seen_block, self.last_page = bi, int(idx[-1]) + 1
+                    return bi, idx
+                page = end
+            if complete_round and bi == start_bi:
+                return None
+            bi += 1
+            page = 0
+            if bi == len(blocks):
+                bi = 0
+                complete_round = True
+                if self.bulk_stage:
+                    self.bulk_stage = False
+                    log.debug("ram_bulk_stage_end", sync_count=self.bitmap.sync_count)
+
     # ---------------------------------------------------------------- pipeline
+    def _save_batch(self, f: QEMUFile, bi: int, pages: np.ndarray, last_stage: bool) -> None:
+        """Send a batch from :meth:`find_dirty_batch`: contiguous runs go zero-copy."""
+        n = len(pages)
+        first = int(pages[0])
+        if int(pages[-1]) - first == n - 1:
+            self._save_run(f, bi, first, n, last_stage)
+            return
+        if self.hooks.save_page and self._pages_claimed:
+            # transports take contiguous ranges, as ram_control_save_page does
+            cuts = (np.flatnonzero(np.diff(pages) != 1) + 1).tolist()
+            for lo, hi in zip([0, *cuts], [*cuts, n]):
+                self._save_run(f, bi, int(pages[lo]), hi - lo, last_stage)
+            return
+        b = self._blocks[bi]
+        self.bitmap.clear_pages(b, pages)
+        self.counters.target_pages += n
+        data = b.host[: b.pages * PAGE_SIZE].reshape(-1, PAGE_SIZE)[pages]  # gathered copy, for the checks
+        zero = ~data.view(np.uint64).any(axis=1)
+        codecs = [c for c in self._save_codecs if c.active(self)] if self._save_codecs else []
+        if codecs:
+            self._save_pages_codecs(f, b, pages, data, zero, codecs, last_stage)
+        else:
+            self._save_pages_plain(f, b, pages, zero)
+
     def _save_run(self, f: QEMUFile, bi: int, first: int, n: int, last_stage: bool) -> None:
         b = self._blocks[bi]
         self.bitmap.clear(b, first, n)
         self.counters.target_pages += n
-        if self.hooks.save_page:
+        if self.hooks.save_page and self._pages_claimed:
             r = self.hooks.control_save_page(self, f, b, first * PAGE_SIZE, n * PAGE_SIZE)
             if r is not None and r != RAM_SAVE_CONTROL_NOT_SUPP:
                 nbytes = n if r == RAM_SAVE_CONTROL_DELAYED else int(r)
@@ -344,20 +417,22 @@ class RAMHandlers(SaveVMHandlers):
                 return
         data = b.page_view(first, n)
         zero = ~data.view(np.uint64).any(axis=1)
+        pages = np.arange(first, first + n, dtype=np.int64)
         codecs = [c for c in self._save_codecs if c.active(self)] if self._save_codecs else []
         if codecs:
-            self._save_run_codecs(f, b, first, n, data, zero, codecs, last_stage)
+            self._save_pages_codecs(f, b, pages, data, zero, codecs, last_stage)
         else:
-            self._save_run_plain(f, b, first, n, zero)
+            self._save_pages_plain(f, b, pages, zero)
 
-    def _save_run_plain(self, f: QEMUFile, b: RAMBlock, first: int, n: int, zero: np.ndarray) -> None:
-        """Zero and normal pages only: headers built in numpy, pages as memoryviews."""
-        hdr = (np.arange(first, first + n, dtype=np.uint64) << _SHIFT) | np.where(zero, _ZERO_C, _PAGE_C)
+    def _save_pages_plain(self, f: QEMUFile, b: RAMBlock, pages: np.ndarray, zero: np.ndarray) -> None:
+        """Zero and normal pages only: headers built in numpy, pages as memoryviews of live memory."""
+        n = len(pages)
+        hdr = (pages.astype(np.uint64) << _SHIFT) | np.where(zero, _ZERO_C, _PAGE_C)
+        plist = pages.tolist()
         parts: list[Any] = []
         nbytes = 0
         k = 0
         pm = b.mv
-        base = first * PAGE_SIZE
         if self.last_sent_block is not b:
             name = b.idstr.encode()
             h0 = int(hdr[0]) & ~int(Flag.CONTINUE)
@@ -366,8 +441,9 @@ class RAMHandlers(SaveVMHandlers):
                 parts.append(head + b"\x00")
                 nbytes += len(head) + 1
             else:
+                o = plist[0] * PAGE_SIZE
                 parts.append(head)
-                parts.append(pm[base : base + PAGE_SIZE])
+                parts.append(pm[o : o + PAGE_SIZE])
                 nbytes += len(head) + PAGE_SIZE
             self.last_sent_block = b
             k = 1
@@ -388,22 +464,23 @@ class RAMHandlers(SaveVMHandlers):
                     nbytes += 9 * (j - i)
                 else:
                     for p in range(i, j):
-                        o = base + p * PAGE_SIZE
+                        o = plist[p] * PAGE_SIZE
                         parts.append(hb[8 * p : 8 * p + 8])
                         parts.append(pm[o : o + PAGE_SIZE])
                     nbytes += (8 + PAGE_SIZE) * (j - i)
         f.put_iovecs(parts, nbytes)
 
-    def _save_run_codecs(self, f: QEMUFile, b: RAMBlock, first: int, n: int, data: np.ndarray,
-                         zero: np.ndarray, codecs: list[PageCodec], last_stage: bool) -> None:
+    def _save_pages_codecs(self, f: QEMUFile, b: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                           zero: np.ndarray, codecs: list[PageCodec], last_stage: bool) -> None:
         """The general pipeline: zero → codecs in order → normal page."""
+        n = len(pages)
         results: list[Any] = [None] * n
         flags: list[int] = [0] * n
         todo = np.flatnonzero(~zero)
         for c in codecs:
             if todo.size == 0:
                 break
-            res = c.encode_pages(self, b, first + todo, data[todo], last_stage)
+            res = c.encode_pages(self, b, pages[todo], data[todo], last_stage)
             keep = []
             for k, r in zip(todo.tolist(), res):
                 if r is None:
@@ -420,17 +497,17 @@ class RAMHandlers(SaveVMHandlers):
                         flags[k] = Flag.SAVEVM_ENCODED
             todo = np.asarray(keep, dtype=np.int64)
         if zero.any():
-            zpages = first + np.flatnonzero(zero)
+            zpages = pages[zero]
             for c in codecs:
                 c.zero_pages(self, b, zpages, last_stage)
         pm = b.mv
-        base = first * PAGE_SIZE
+        plist = pages.tolist()
         parts: list[Any] = []
         nbytes = 0
         name_rec = bytes([len(b.idstr.encode())]) + b.idstr.encode()
         cnt = self.counters
         for k in range(n):
-            off = (first + k) << PAGE_BITS
+            off = plist[k] << PAGE_BITS
             if zero[k]:
                 flag = Flag.ZERO
                 body: Any = b"\x00"
@@ -439,7 +516,7 @@ class RAMHandlers(SaveVMHandlers):
                 r = results[k]
                 if r is None:
                     flag = Flag.PAGE
-                    body = pm[base + k * PAGE_SIZE : base + (k + 1) * PAGE_SIZE]
+                    body = pm[off : off + PAGE_SIZE]
                     cnt.normal += 1
                 elif r is SKIP:
                     continue

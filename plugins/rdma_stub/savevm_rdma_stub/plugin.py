@@ -131,6 +131,7 @@ def ram_control_before_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
         return
     f.put_be64(RAM_SAVE_FLAG_HOOK)
     if flags == RAM_CONTROL_SETUP:
+        rs.claim_pages()  # this migration's pages go by remote write
         f.put_be32(CONTROL_RAM_BLOCKS_REQUEST)
         f.flush()
 
