@@ -84,8 +84,8 @@ class StreamLoader:
         started = False
         try:
             self.header()
+            started = True  # from here every live section gets load_abort/load_cleanup
             self.setup()
-            started = True
             self.sections()
             self.trailer()
         except BaseException:

@@ -69,7 +69,9 @@ class MigrationState(enum.StrEnum):
 RUNNING_STATES = frozenset({MigrationState.SETUP, MigrationState.ACTIVE, MigrationState.DEVICE,
                             MigrationState.CANCELLING})
 _ALLOWED = {
-    MigrationState.NONE: {MigrationState.SETUP, MigrationState.FAILED, MigrationState.CANCELLING},
+    # the destination goes none -> active -> completed, as QEMU's process_incoming_migration does
+    MigrationState.NONE: {MigrationState.SETUP, MigrationState.ACTIVE, MigrationState.FAILED,
+                          MigrationState.CANCELLING},
     MigrationState.SETUP: {MigrationState.ACTIVE, MigrationState.FAILED, MigrationState.CANCELLING},
     MigrationState.ACTIVE: {MigrationState.DEVICE, MigrationState.COMPLETED, MigrationState.FAILED,
                             MigrationState.CANCELLING},
@@ -613,14 +615,16 @@ class Incoming(_StateMachine):
             assert self._listener is not None
             self._channel = self._listener.accept(self.accept_timeout)
         self._t_start = time.monotonic()
-        self._set_state(MigrationState.SETUP)
         self._set_state(MigrationState.ACTIVE)
+        sock = getattr(self._channel, "sock", None)
+        if sock is not None and self.accept_timeout is not None:
+            # a source that goes silent this long is gone: fail instead of waiting forever
+            sock.settimeout(self.accept_timeout)
         f = self._f = QEMUFile(self._channel)
         StreamLoader(f, self.registry, self.config, on_eof=lambda: self._send(RP_GOT_EOF)).load()
         self.bytes_loaded = f.pos
         self.guest.resume()
         self._send(ACK_OK)
-        self._set_state(MigrationState.DEVICE)
         self._set_state(MigrationState.COMPLETED)
         log.info("migration_incoming_completed", bytes=f.pos)
 
@@ -642,9 +646,6 @@ class Incoming(_StateMachine):
         self.error = err
         log.error("load_migration_failed", error=str(err))
         self._send(ACK_FAIL + str(err).encode()[:4000])
-        with self._state_lock:
-            if self._state == MigrationState.NONE:
-                self._state = MigrationState.SETUP
         self._set_state(MigrationState.FAILED)
 
 
