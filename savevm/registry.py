@@ -61,7 +61,9 @@ class SectionRegistry:
         self.plugins = plugins
         self._entries: list[SectionEntry] = []
         self._by_key: dict[tuple[str, int], SectionEntry] = {}
-        self._next_id = 0
+        # ids start at 1: a QEMU 7.2 destination routes PART/END by load_section_id, which is
+        # 0 for every entry it has not seen a START for, so a section id 0 would be misrouted
+        self._next_id = 1
 
     # ---------------------------------------------------------------- registering
     def _check(self, idstr: str, instance_id: int, version_id: int) -> None:

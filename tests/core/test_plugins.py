@@ -268,7 +268,7 @@ def test_hook_savevm_register_sections() -> None:
     assert [e.idstr for e in reg] == ["plugin-live"]
     assert reg.plugins is host and reg.config is host.config
     reg.register_live("user", 0, 1, ChunkedLive())
-    assert [e.section_id for e in reg] == [0, 1], "plugin sections come before user sections"
+    assert [e.section_id for e in reg] == [1, 2], "plugin sections come before user sections"
 
 
 class StateWatcher:

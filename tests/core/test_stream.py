@@ -98,22 +98,22 @@ def test_whole_stream_byte_layout() -> None:
     expected = (
         b"QEVM" + be32(3) + b"\x07" + be32(6) + b"savevm"
         # START: 01 be32(id) u8 len "blob" be32(instance) be32(version), payload, footer 7e be32(id)
-        + b"\x01" + be32(0) + b"\x04blob" + be32(0) + be32(2) + be32(1000) + b"\x7e" + be32(0)
+        + b"\x01" + be32(1) + b"\x04blob" + be32(0) + be32(2) + be32(1000) + b"\x7e" + be32(1)
         # PART: 02 be32(id) payload footer
-        + b"".join(b"\x02" + be32(0) + be32(len(c)) + c + b"\x7e" + be32(0) for c in chunks)
+        + b"".join(b"\x02" + be32(1) + be32(len(c)) + c + b"\x7e" + be32(1) for c in chunks)
         # END with nothing left
-        + b"\x03" + be32(0) + be32(0) + b"\x7e" + be32(0)
+        + b"\x03" + be32(1) + be32(0) + b"\x7e" + be32(1)
         # FULL: the device, its subsection, footer
-        + b"\x04" + be32(1) + b"\x07counter" + be32(0) + be32(3)
+        + b"\x04" + be32(2) + b"\x07counter" + be32(0) + be32(3)
         + be32(5) + b"\x01" + b"\x05\x0acounter/hi" + be32(1) + struct.pack(">Q", 7)
-        + b"\x7e" + be32(1)
+        + b"\x7e" + be32(2)
         + b"\x00"
         + b"\x06" + be32(len(COUNTER_VMDESC)) + COUNTER_VMDESC
     )
     assert data == expected
     # the helpers the error tests use agree with the layout above
-    assert data.startswith(header() + start_full(START, 0, "blob", 0, 2))
-    assert data.endswith(start_full(FULL, 1, "counter", 0, 3) + counter_bytes(5, 1, 7) + footer(1)
+    assert data.startswith(header() + start_full(START, 1, "blob", 0, 2))
+    assert data.endswith(start_full(FULL, 2, "counter", 0, 3) + counter_bytes(5, 1, 7) + footer(2)
                          + b"\x00" + vmdesc(COUNTER_VMDESC))
 
 

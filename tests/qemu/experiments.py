@@ -303,7 +303,7 @@ def exp_timing() -> None:
                 info = vm.migrate("exec:cat > /dev/null", timeout=120)
                 times.append(time.monotonic() - t0)
                 totals.append(info)
-        print(f"    {m} -m 1G: wall {['%.3f' % t for t in times]} median "
+        print(f"    {m} -m 1G: wall {[f'{t:.3f}' for t in times]} median "
               f"{statistics.median(times):.3f}s; total-time ms "
               f"{[i['total-time'] for i in totals]}; ram {totals[0]['ram']}")
         with h.QemuProcess(machine=m, memory="1G") as vm:

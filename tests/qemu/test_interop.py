@@ -60,27 +60,11 @@ HOLE = (0xA0000, 0x100000)
 
 
 # ----------------------------------------------------------------------------- helpers
-class _ReservedSectionId(savevm.SaveVMHandlers):
-    """An inactive live section registered first, so that "ram" does not get section id 0.
-
-    Work-around for a savevm bug (see test_default_section_ids_accepted_by_qemu):
-    QEMU 7.2 finds the target of a PART/END by ``se->load_section_id``, which is 0
-    for every entry it has not seen a START for, so a PART for id 0 goes to its
-    first handler ("timer") and the load fails.  Inactive sections are never sent.
-    """
-
-    def is_active(self) -> bool:
-        return False
-
-
 def qemu_registry(blocks: list[tuple[str, int]] = QEMU_64M_BLOCKS, buffers: dict[str, bytearray] | None = None,
-                  *, reserve_id0: bool = True,
                   ) -> tuple[savevm.SectionRegistry, savevm_ram.RAMList, savevm_ram.RAMHandlers]:
     """A registry holding only "ram", over blocks named and sized like QEMU's."""
     buffers = buffers or {}
     reg = savevm.SectionRegistry(savevm.MigrationConfig(machine=Q35))
-    if reserve_id0:
-        reg.register_live("savevm-interop-reserved", 0, 1, _ReservedSectionId())
     ram = savevm_ram.RAMList([savevm_ram.RAMBlock(name, buffers.get(name, bytearray(size)))
                               for name, size in blocks])
     handlers = savevm_ram.register_ram(reg, ram)
@@ -318,13 +302,12 @@ def test_round_trip_savevm_qemu_savevm(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- section ids
-@pytest.mark.xfail(strict=True, reason="savevm bug: SectionRegistry numbers sections from 0, and QEMU 7.2 "
-                   "routes a PART/END for id 0 to its 'timer' entry (load_section_id defaults to 0): "
-                   "'timer: incoming version_id 0 is too old'. Fix: start section ids at 1.")
 def test_default_section_ids_accepted_by_qemu(tmp_path: Path) -> None:
     src = _Source(seed=3)
     path = tmp_path / "ids.mig"
-    reg, _, _ = qemu_registry([("pc.ram", RAM_SIZE)], {"pc.ram": src.buf}, reserve_id0=False)
+    # regression: ids used to start at 0, which QEMU routes to its first handler ("timer")
+    reg, _, _ = qemu_registry([("pc.ram", RAM_SIZE)], {"pc.ram": src.buf})
+    assert reg.find("ram", 0).section_id != 0
     f = write_file(path)
     savevm.save_stream(f, reg)
     f.close()

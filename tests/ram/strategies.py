@@ -57,7 +57,7 @@ def page_hdr(offset: int, flags: int, block: str | None = None) -> bytes:
 class StreamBuilder:
     """Builds a full migration stream byte by byte, remembering offsets."""
 
-    def __init__(self, machine: str = "savevm", section_id: int = 0) -> None:
+    def __init__(self, machine: str = "savevm", section_id: int = 1) -> None:
         self.buf = bytearray()
         self.section_id = section_id
         self.buf += struct.pack(">II", MAGIC, 3)

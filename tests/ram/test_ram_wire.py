@@ -35,13 +35,13 @@ def head(machine: bytes = b"savevm") -> bytes:
     return struct.pack(">II", 0x5145564D, 3) + struct.pack(">BI", 7, len(machine)) + machine
 
 
-def sec(kind: int, sid: int = 0) -> bytes:
+def sec(kind: int, sid: int = 1) -> bytes:
     if kind == 1:
         return struct.pack(">BI", 1, sid) + b"\x03ram" + struct.pack(">II", 0, 4)
     return struct.pack(">BI", kind, sid)
 
 
-def foot(sid: int = 0) -> bytes:
+def foot(sid: int = 1) -> bytes:
     return struct.pack(">BI", 0x7E, sid)
 
 
