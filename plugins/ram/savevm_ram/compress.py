@@ -34,9 +34,16 @@ COMPRESS_BOUND = 4110
 BATCH = 32
 
 
-def compress_page(page: Any, level: int) -> bytes:
-    """One page -> the wire body (be32 length + zlib stream)."""
+def compress_page(page: Any, level: int) -> bytes | None:
+    """One page -> the wire body (be32 length + zlib stream), or None if it does not shrink.
+
+    zlib-ng's fast levels can expand incompressible data past zlib's
+    compressBound(4096) = 4110, which a QEMU destination rejects; such a
+    page (anything not smaller than a raw page) goes out as a normal page.
+    """
     c = zlib_ng.compress(page, level)
+    if len(c) + 4 >= PAGE_SIZE:
+        return None
     return len(c).to_bytes(4, "big") + c
 
 
@@ -74,7 +81,7 @@ class CompressCodec(PageCodec):
         n = len(pages)
         level = self.level
 
-        def work(lo: int, hi: int) -> list[bytes]:
+        def work(lo: int, hi: int) -> list[bytes | None]:
             return [compress_page(data[i], level) for i in range(lo, hi)]
 
         if self._pool is None or n <= BATCH:
@@ -82,8 +89,9 @@ class CompressCodec(PageCodec):
         else:
             futs = [self._pool.submit(work, lo, min(lo + BATCH, n)) for lo in range(0, n, BATCH)]
             out = [b for fut in futs for b in fut.result()]
-        self.pages += n
-        self.compressed_size += sum(len(b) - 4 for b in out)
+        done = [b for b in out if b is not None]
+        self.pages += len(done)
+        self.compressed_size += sum(len(b) - 4 for b in done)
         return list(out)
 
     def save_cleanup(self, rs: Any) -> None:

@@ -53,6 +53,11 @@ _ZERO_C = np.uint64(Flag.ZERO | Flag.CONTINUE)
 _PAGE_C = np.uint64(Flag.PAGE | Flag.CONTINUE)
 _SHIFT = np.uint64(PAGE_BITS)
 _REC = 8 + PAGE_SIZE
+# plain ints for per-page code: IntFlag arithmetic costs microseconds per operation
+_F_ZERO = int(Flag.ZERO)
+_F_PAGE = int(Flag.PAGE)
+_F_CONT = int(Flag.CONTINUE)
+_F_EXT = int(Flag.SAVEVM_ENCODED)
 
 
 class RAMHooks:
@@ -510,7 +515,7 @@ class RAMHandlers(SaveVMHandlers):
                         results[k] = r
                     else:
                         results[k] = bytes((ext_id,)) + bytes(r)
-                        flags[k] = Flag.SAVEVM_ENCODED
+                        flags[k] = _F_EXT
             todo = np.asarray(keep, dtype=np.int64)
         if zero.any():
             zpages = pages[zero]
@@ -525,19 +530,19 @@ class RAMHandlers(SaveVMHandlers):
         for k in range(n):
             off = plist[k] << PAGE_BITS
             if zero[k]:
-                flag = Flag.ZERO
+                flag = _F_ZERO
                 body: Any = b"\x00"
                 cnt.duplicate += 1
             else:
                 r = results[k]
                 if r is None:
-                    flag = Flag.PAGE
+                    flag = _F_PAGE
                     body = pm[off : off + PAGE_SIZE]
                     cnt.normal += 1
                 elif r is SKIP:
                     continue
                 elif isinstance(r, NormalFrom):
-                    flag = Flag.PAGE
+                    flag = _F_PAGE
                     body = r.data
                     cnt.normal += 1
                 else:
@@ -545,7 +550,7 @@ class RAMHandlers(SaveVMHandlers):
                     body = r
                     cnt.encoded += 1
             if self.last_sent_block is b:
-                head = (off | flag | Flag.CONTINUE).to_bytes(8, "big")
+                head = (off | flag | _F_CONT).to_bytes(8, "big")
             else:
                 head = (off | flag).to_bytes(8, "big") + name_rec
                 self.last_sent_block = b
