@@ -21,6 +21,7 @@ the last byte is written.
 
 from __future__ import annotations
 
+import abc
 import enum
 import threading
 import time
@@ -80,7 +81,7 @@ _ALLOWED = {
 }
 
 
-class _StateMachine:
+class _StateMachine(abc.ABC):
     """State with cmpxchg-style transitions, events and notifier hooks."""
 
     side = "source"
@@ -117,6 +118,33 @@ class _StateMachine:
     def is_running(self) -> bool:
         """True while in setup, active, device or cancelling."""
         return self._state in RUNNING_STATES
+
+    # the sides provide these
+    _thread: threading.Thread | None
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin in a background thread."""
+
+    @abc.abstractmethod
+    def query(self) -> MigrationStats:
+        """Stats now."""
+
+    def wait(self, timeout: float | None = None) -> MigrationStats:
+        """Wait for the end (completed, failed or cancelled) and return the stats."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.side} migration still {self.state} after {timeout}s")
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.query()
+
+    def run(self) -> MigrationStats:
+        """Start, wait, and raise the error if it failed or was cancelled."""
+        self.start()
+        stats = self.wait()
+        if self.error is not None:
+            raise self.error
+        return stats
 
 
 class Migration(_StateMachine):
@@ -172,22 +200,6 @@ class Migration(_StateMachine):
             raise MigrationError(f"cannot start a migration in state {self.state}")
         self._thread = threading.Thread(target=self._thread_main, name="savevm-migration", daemon=True)
         self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> MigrationStats:
-        """Wait for the end (completed, failed or cancelled) and return the stats."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"migration still {self.state} after {timeout}s")
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.query()
-
-    def run(self) -> MigrationStats:
-        """Migrate synchronously; raise the error if it failed or was cancelled."""
-        self.start()
-        stats = self.wait()
-        if self.error is not None:
-            raise self.error
-        return stats
 
     def cancel(self) -> None:
         """Cancel from any thread; the program is resumed if it was paused."""
@@ -547,22 +559,6 @@ class Incoming(_StateMachine):
         self.listen()
         self._thread = threading.Thread(target=self._thread_main, name="savevm-incoming", daemon=True)
         self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> MigrationStats:
-        """Wait until the load completed or failed; return stats."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"incoming migration still {self.state} after {timeout}s")
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.query()
-
-    def run(self) -> MigrationStats:
-        """Load synchronously; raise if it failed."""
-        self.start()
-        stats = self.wait()
-        if self.error is not None:
-            raise self.error
-        return stats
 
     def cancel(self) -> None:
         """Stop waiting / loading; what was loaded is discarded (guest not resumed)."""

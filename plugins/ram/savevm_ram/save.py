@@ -308,42 +308,20 @@ class RAMHandlers(SaveVMHandlers):
 
     # ---------------------------------------------------------------- search
     def find_dirty_run(self, max_pages: int | None = None) -> tuple[int, int, int] | None:
-        """Next run of at most ``max_pages`` dirty pages from where the last search stopped.
+        """Next run of contiguous dirty pages: (block index, first page, count), or None.
 
-        Returns (block index, first page, page count), or None after a
-        complete round found nothing (find_dirty_block's ``again = false``).
-        Wrapping past the last block ends the bulk stage.
+        :meth:`find_dirty_batch` restricted to its leading contiguous pages,
+        with the search resuming right after them.
         """
-        blocks = self._blocks
-        if not blocks:
+        found = self.find_dirty_batch(max_pages)
+        if found is None:
             return None
-        if max_pages is None:
-            max_pages = MAX_RUN_PAGES
-        bi, page = self.last_seen_block, self.last_page
-        if bi >= len(blocks):
-            bi, page = 0, 0
-        complete_round = False
-        bitmaps = self.bitmap.bitmaps
-        while True:
-            b = blocks[bi]
-            bm = bitmaps[b.idstr]
-            n = b.pages
-            start = _find_dirty(bm, page, n)
-            if complete_round and bi == self.last_seen_block and start >= self.last_page:
-                return None
-            if start < n:
-                seg = bm[start : min(n, start + max_pages)]
-                run = len(seg) if seg.all() else int(seg.argmin())
-                self.last_seen_block, self.last_page = bi, start + run
-                return bi, start, run
-            bi += 1
-            page = 0
-            if bi == len(blocks):
-                bi = 0
-                complete_round = True
-                if self.bulk_stage:
-                    self.bulk_stage = False
-                    log.debug("ram_bulk_stage_end", sync_count=self.bitmap.sync_count)
+        bi, idx = found
+        first = int(idx[0])
+        gaps = np.flatnonzero(np.diff(idx) != 1)
+        run = int(gaps[0]) + 1 if gaps.size else len(idx)
+        self.last_seen_block, self.last_page = bi, first + run
+        return bi, first, run
 
     def find_dirty_batch(self, max_pages: int | None = None) -> tuple[int, np.ndarray] | None:
         """Up to ``max_pages`` dirty pages of one block, in order, from where the search stopped.
@@ -631,18 +609,6 @@ def _zero_pages(data: np.ndarray) -> np.ndarray:
     idx = np.flatnonzero(cand)
     cand[idx] = np.bitwise_or.reduce(w[idx], axis=1) == 0
     return cand
-
-
-def _find_dirty(bm: np.ndarray, page: int, n: int) -> int:
-    """First set bit at or after ``page`` (< n), or n."""
-    while page < n:
-        end = min(n, page + SEARCH_WINDOW)
-        seg = bm[page:end]
-        i = int(seg.argmax())
-        if seg[i]:
-            return page + i
-        page = end
-    return n
 
 
 def _collect_codecs(plugins: PluginHost | None, config: MigrationConfig) -> list[PageCodec]:
