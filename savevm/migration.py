@@ -86,8 +86,24 @@ class _StateMachine(abc.ABC):
 
     side = "source"
 
-    def __init__(self, plugins: PluginHost | None) -> None:
-        self.plugins = plugins
+    def __init__(
+        self,
+        registry: SectionRegistry,
+        uri: str | None = None,
+        *,
+        channel: Channel | None = None,
+        guest: Guest | None = None,
+        config: MigrationConfig | None = None,
+        plugins: PluginHost | None = None,
+    ) -> None:
+        if (uri is None) == (channel is None):
+            raise MigrationError("give exactly one of uri= or channel=")
+        self.registry = registry
+        self.uri = uri
+        self.config = config or registry.config
+        self.guest: Guest = guest or NullGuest()
+        self._channel = channel
+        self.plugins = plugins or registry.plugins
         self._state = MigrationState.NONE
         self._state_lock = threading.Lock()
         self._done = threading.Event()
@@ -162,14 +178,7 @@ class Migration(_StateMachine):
         config: MigrationConfig | None = None,
         plugins: PluginHost | None = None,
     ) -> None:
-        if (uri is None) == (channel is None):
-            raise MigrationError("give exactly one of uri= or channel=")
-        super().__init__(plugins or registry.plugins)
-        self.registry = registry
-        self.uri = uri
-        self.config = config or registry.config
-        self.guest: Guest = guest or NullGuest()
-        self._channel = channel
+        super().__init__(registry, uri, channel=channel, guest=guest, config=config, plugins=plugins)
         self._f: QEMUFile | None = None
         self._writer: StreamWriter | None = None
         self._thread: threading.Thread | None = None
@@ -529,15 +538,8 @@ class Incoming(_StateMachine):
         config: MigrationConfig | None = None,
         plugins: PluginHost | None = None,
     ) -> None:
-        if (uri is None) == (channel is None):
-            raise MigrationError("give exactly one of uri= or channel=")
-        super().__init__(plugins or registry.plugins)
-        self.registry = registry
-        self.config = config or registry.config
-        self.guest: Guest = guest or NullGuest()
-        self._channel = channel
+        super().__init__(registry, uri, channel=channel, guest=guest, config=config, plugins=plugins)
         self._listener: Listener | None = None
-        self.uri = uri
         self._thread: threading.Thread | None = None
         self._t_start = 0.0
         self._t_end: float | None = None
