@@ -27,3 +27,14 @@ structlog.configure(
     logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     cache_logger_on_first_use=False,
 )
+
+
+def pytest_configure(config: object) -> None:
+    """In CI (``SAVEVM_REQUIRE_QEMU=1``, set by .ci/run) a missing QEMU is an error, not a skip."""
+    import shutil
+
+    import pytest
+
+    if os.environ.get("SAVEVM_REQUIRE_QEMU") == "1" and shutil.which("qemu-system-x86_64") is None:
+        raise pytest.UsageError("SAVEVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not on PATH: "
+                                "the QEMU oracle tests must run here (apt-get install qemu-system-x86)")
