@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from savevm.cli import build_config, load_program
-from savevm.cli.progress import human, print_table, watch
+from savevm.cli.progress import human, print_table, watch, watch_incoming
 from savevm.errors import ConfigError, MigrationError
 from savevm.migration import Incoming, Migration, MigrationState
 from savevm.plugins import PluginHost
@@ -63,6 +63,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     elif not args.json:
         print(f"savevm: waiting for a migration on {uri}", file=sys.stderr, flush=True)
     inc.start()
+    watch_incoming(inc.query, lambda: inc._done.is_set(), quiet=args.json)
     st = inc.wait()
     out = st.as_qmp()
     if hasattr(prog, "report") and st.status == "completed":

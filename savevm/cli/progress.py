@@ -68,6 +68,22 @@ def watch(query: Callable[[], MigrationStats], done: Callable[[], bool], *, tota
         time.sleep(interval)
 
 
+def watch_incoming(query: Callable[[], MigrationStats], done: Callable[[], bool], *, quiet: bool = False,
+                   interval: float = 0.2) -> None:
+    """Destination progress: bytes received and pages loaded, once a second."""
+    last = 0.0
+    while not done():
+        now = time.monotonic()
+        if not quiet and now - last >= 1.0:
+            st = query()
+            ram = st.ram or {}
+            if st.status != "none":
+                print(f"[{st.status}] received {human(st.stream_bytes)}  page records {ram.get('loaded-pages', 0)}"
+                      f" (RAM of {ram.get('total', 0) // 4096} pages)", file=sys.stderr, flush=True)
+            last = now
+        time.sleep(interval)
+
+
 def _console() -> Any:
     from rich.console import Console
 

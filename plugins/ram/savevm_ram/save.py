@@ -211,7 +211,7 @@ class RAMHandlers(SaveVMHandlers):
         oob0 = self._oob_bytes
         self.last_stage = True
         self._follow_hotplug()
-        self.sync()
+        self.sync(final=True)
         self.hooks.refresh()
         self.hooks.before_iterate(self, f, RAM_CONTROL_FINISH)
         while (batch := self.find_dirty_batch()) is not None:
@@ -278,13 +278,18 @@ class RAMHandlers(SaveVMHandlers):
         return out
 
     # ---------------------------------------------------------------- sync
-    def sync(self) -> None:
-        """migration_bitmap_sync: fold dirt in, and close a >= 1 s rate period."""
+    def sync(self, *, final: bool = False) -> None:
+        """migration_bitmap_sync: fold dirt in, and close a >= 1 s rate period.
+
+        The ``final`` sync (completion) closes any period of at least 100 ms,
+        so a migration shorter than a second still reports its rates.
+        """
         self.bitmap.sync()
         self.counters.dirty_sync_count = self.bitmap.sync_count
         for c in self._save_codecs:
             c.on_sync(self)
-        period = self.bitmap.end_period_if_due()
+        first = self.counters.dirty_pages_rate == 0 and self.counters.pages_per_second == 0
+        period = self.bitmap.end_period_if_due(0.1 if final and first else 1.0)
         if period is None:
             return
         elapsed, dirty_pages = period
