@@ -135,6 +135,10 @@ class _StateMachine(abc.ABC):
         """True while in setup, active, device or cancelling."""
         return self._state in RUNNING_STATES
 
+    def finished(self) -> bool:
+        """True once completed, failed or cancelled."""
+        return self._done.is_set()
+
     # the sides provide these
     _thread: threading.Thread | None
 

@@ -33,7 +33,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     mig.start()
     total = sum(getattr(getattr(e.handlers, "ram", None), "total_bytes", 0) for e in reg.live())
     try:
-        watch(mig.query, lambda: mig._done.is_set(), total=total, quiet=args.json)
+        watch(mig.query, mig.finished, total=total, quiet=args.json)
     except KeyboardInterrupt:
         mig.cancel()
     st = mig.wait()
@@ -63,7 +63,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     elif not args.json:
         print(f"savevm: waiting for a migration on {uri}", file=sys.stderr, flush=True)
     inc.start()
-    watch_incoming(inc.query, lambda: inc._done.is_set(), quiet=args.json)
+    watch_incoming(inc.query, inc.finished, quiet=args.json)
     st = inc.wait()
     out = st.as_qmp()
     if hasattr(prog, "report") and st.status == "completed":
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         def done() -> bool:
             if time.monotonic() > deadline and mig.is_running():
                 mig.cancel()
-            return mig._done.is_set()
+            return mig.finished()
 
         watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
         st = mig.wait()
