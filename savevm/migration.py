@@ -209,6 +209,13 @@ class Migration(_StateMachine):
         if self._thread is not None:
             raise MigrationError("migration already started")
         self._t_start = time.monotonic()
+        if self._channel is None and self.uri is not None:
+            # a malformed URI or unknown scheme is the caller's error, raised here, not a failed migration
+            from savevm.channels import split_uri
+
+            scheme, _ = split_uri(self.uri)
+            if self.registry.plugins is not None:
+                self.registry.plugins.get_transport(scheme)
         if not self._set_state(MigrationState.SETUP, MigrationState.NONE):
             raise MigrationError(f"cannot start a migration in state {self.state}")
         self._thread = threading.Thread(target=self._thread_main, name="savevm-migration", daemon=True)

@@ -99,9 +99,10 @@ def analyze_file(path: str, machine: str | None = None) -> dict[str, Any]:
         f.channel.close()
     c = handlers.counters if handlers is not None else None
     report["ram"] = {
+        # in stream order (a RAMList keeps QEMU's largest-first order instead)
         "blocks": [{"idstr": b.idstr, "used_length": b.used_length,
                     "pages": int(np.count_nonzero(b.host[: b.used_length].reshape(-1, 4096).any(axis=1)))}
-                   for b in ram],
+                   for b in (ram.find(name) for name, _ in blocks) if b is not None],
         "zero": c.duplicate if c else 0,
         "normal": c.normal if c else 0,
         "encoded": c.encoded if c else 0,

@@ -16,6 +16,7 @@ Skipped (with the reason) only when ``qemu-system-x86_64`` is not on PATH.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -342,3 +343,21 @@ def test_qemu_refuses_unknown_device_section(tmp_path: Path) -> None:
     lines = res.error_lines()
     assert any(ln.startswith("Unknown savevm section or instance 'savevm-interop-dev' 0") for ln in lines), lines
     assert lines[-1].startswith("load of migration failed: Invalid argument"), lines
+
+
+# ----------------------------------------------------------------------------- savevm analyze
+def test_savevm_analyze_reads_qemu_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from savevm.cli import main
+
+    path = tmp_path / "q.mig"
+    with harness.QemuProcess(machine=Q35, memory="64M") as vm:
+        vm.migrate_to_file(path, timeout=30)
+    dump = sd.parse_stream(path.read_bytes())
+    assert main(["analyze", str(path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["status"] == "ok" and rep["machine"] == Q35
+    assert rep["ram"]["zero"] == dump.ram_flag_counts["ZERO"]
+    assert rep["ram"]["normal"] == dump.ram_flag_counts["PAGE"]
+    assert [(b["idstr"], b["used_length"]) for b in rep["ram"]["blocks"]] == dump.ram_blocks
+    skipped = [s["idstr"] for s in rep["sections"] if s["how"].startswith("skipped")]
+    assert skipped == [s.idstr for s in dump.full_sections()]

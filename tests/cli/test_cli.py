@@ -1,0 +1,83 @@
+"""The savevm command line: analyze, errors, config handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import savevm_ram
+
+import savevm
+from savevm.cli import main
+from savevm.cli.demo import DemoDevice
+
+
+def _snapshot(path: Path) -> np.ndarray:
+    mem = np.frombuffer(np.random.default_rng(9).bytes(64 * 4096), dtype=np.uint8).copy()
+    mem[: 16 * 4096] = 0
+    reg = savevm.SectionRegistry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", mem),
+                                                     savevm_ram.RAMBlock("vga", bytearray(8 * 4096))]))
+    reg.register_device("demo-device", 0, DemoDevice(counter=5))
+    savevm.snapshot(path, reg)
+    return mem
+
+
+def test_analyze_our_stream(tmp_path: Path, capsys: object) -> None:
+    p = tmp_path / "s.qevm"
+    _snapshot(p)
+    assert main(["analyze", str(p), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]
+    assert rep["status"] == "ok" and rep["machine"] == "savevm" and rep["vmdesc"]
+    assert [b["idstr"] for b in rep["ram"]["blocks"]] == ["pc.ram", "vga"]
+    assert rep["ram"]["zero"] == 16 + 8 and rep["ram"]["normal"] == 48
+    kinds = {(s["idstr"], s["how"]) for s in rep["sections"]}
+    assert ("ram", "loaded") in kinds and ("demo-device", "skipped (vmdesc)") in kinds
+
+
+def test_analyze_reports_corruption_with_offset(tmp_path: Path, capsys: object) -> None:
+    p = tmp_path / "s.qevm"
+    _snapshot(p)
+    data = bytearray(p.read_bytes())
+    cut = tmp_path / "cut.qevm"
+    cut.write_bytes(bytes(data[: len(data) // 2]))
+    assert main(["analyze", str(cut), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]
+    assert rep["status"] == "error" and rep["offset"] is not None and "stream ended" in rep["error"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "savevm.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_bad_inputs_give_clear_errors() -> None:
+    r = _run("migrate", "bogus:x", "--guest", "savevm.cli.demo:DemoProgram", "--guest-arg", "size=1M")
+    assert r.returncode == 2 and "no transport for scheme 'bogus'" in r.stderr
+    r = _run("demo", "--size", "1M", "--set", "max-bandwith=1G")
+    assert r.returncode == 2 and "max-bandwith" in r.stderr and "did you mean max-bandwidth" in r.stderr
+    r = _run("demo", "--size", "1M", "--set", "xbzrle-cache-size=5000", "--json")
+    assert r.returncode == 2
+    assert json.loads(r.stdout)["status"] == "failed" and "nearest valid sizes" in r.stderr
+    r = _run("demo", "--size", "1M", "--capability", "postcopy-ram")
+    assert r.returncode == 2 and "does not implement" in r.stderr
+    r = _run("migrate", "tcp:127.0.0.1:1", "--guest", "nomodule:nothing")
+    assert r.returncode == 2 and "--guest" in r.stderr
+    r = _run("demo", "--size", "1M", "--uri", "file:/tmp/x")
+    assert r.returncode == 2 and "tcp:HOST:PORT or unix:PATH" in r.stderr
+
+
+def test_config_file_and_set_order(tmp_path: Path) -> None:
+    from savevm.cli import build_config, make_parser
+
+    cfg_file = tmp_path / "m.toml"
+    cfg_file.write_text('machine = "pc-q35-7.2"\n[capabilities]\nxbzrle = true\n'
+                        '[parameters]\nmax-bandwidth = "1G"\ndowntime-limit = 100\n')
+    args = make_parser().parse_args(["migrate", "tcp:h:1", "--guest", "m:f", "--config", str(cfg_file),
+                                     "--set", "downtime-limit=50", "--capability", "auto-converge"])
+    cfg = build_config(args)
+    assert cfg.machine == "pc-q35-7.2"
+    assert cfg.has("xbzrle") and cfg.has("auto-converge")
+    assert cfg.param("max-bandwidth") == 1 << 30 and cfg.param("downtime-limit") == 50
