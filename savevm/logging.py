@@ -16,6 +16,20 @@ import structlog
 _configured = {"done": False}
 
 
+class _StreamFactory:
+    """Loggers writing to ``stream``, or to whatever ``sys.stderr`` is at the time of the call.
+
+    Looking stderr up per call (not once at configure time) keeps logging
+    working when a host program or a test harness swaps sys.stderr.
+    """
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+
+    def __call__(self, *args: object) -> structlog.PrintLogger:
+        return structlog.PrintLogger(self.stream or sys.stderr)
+
+
 def configure_logging(
     fmt: Literal["json", "console"] = "console", level: str = "warning", stream: TextIO | None = None,
 ) -> None:
@@ -35,7 +49,7 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=_StreamFactory(stream),
         cache_logger_on_first_use=False,
     )
     _configured["done"] = True

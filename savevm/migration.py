@@ -135,6 +135,20 @@ class _StateMachine(abc.ABC):
         """True while in setup, active, device or cancelling."""
         return self._state in RUNNING_STATES
 
+    def _ensure_ended(self) -> None:
+        """Safety net when the thread exits: never leave a running state behind.
+
+        If recording the real ending itself failed (say, a log sink raised),
+        the migration still ends as failed, so ``wait()`` cannot report a
+        running state for a thread that is gone.
+        """
+        with self._state_lock:
+            if self._state in RUNNING_STATES or self._state == MigrationState.NONE:
+                self._state = MigrationState.FAILED
+                if self.error is None:
+                    self.error = MigrationFailed(f"{self.side} migration thread ended unexpectedly")
+        self._done.set()
+
     def finished(self) -> bool:
         """True once completed, failed or cancelled."""
         return self._done.is_set()
@@ -314,7 +328,10 @@ class Migration(_StateMachine):
                 self._fail(exc)
         finally:
             self._t_end = time.monotonic()
-            self._cleanup()
+            try:
+                self._cleanup()
+            finally:
+                self._ensure_ended()
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -617,7 +634,7 @@ class Incoming(_StateMachine):
                     self._channel.close()
                 except Exception:
                     log.debug("incoming_channel_close_failed")
-            self._done.set()
+            self._ensure_ended()
 
     def _load(self) -> None:
         if self._channel is None:

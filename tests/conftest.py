@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+import pytest
 import structlog
 
 _LEVEL = logging.getLevelNamesMapping().get(os.environ.get("SAVEVM_TEST_LOG_LEVEL", "warning").upper(), 30)
@@ -22,18 +23,27 @@ def _drop_below(_logger: object, method: str, event: dict) -> dict:
     return event
 
 
-structlog.configure(
-    processors=[_drop_below, structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
-    logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    cache_logger_on_first_use=False,
-)
+def _configure() -> None:
+    structlog.configure(
+        processors=[_drop_below, structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        wrapper_class=structlog.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+_configure()
+
+
+@pytest.fixture(autouse=True)
+def _test_logging() -> None:
+    """Tests that run the CLI's main() reconfigure logging: put the suite's back each time."""
+    _configure()
 
 
 def pytest_configure(config: object) -> None:
     """In CI (``SAVEVM_REQUIRE_QEMU=1``, set by .ci/run) a missing QEMU is an error, not a skip."""
     import shutil
-
-    import pytest
 
     if os.environ.get("SAVEVM_REQUIRE_QEMU") == "1" and shutil.which("qemu-system-x86_64") is None:
         raise pytest.UsageError("SAVEVM_REQUIRE_QEMU=1 but qemu-system-x86_64 is not on PATH: "
