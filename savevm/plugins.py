@@ -85,8 +85,9 @@ class PluginHost:
             except Exception as exc:
                 raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}): {exc}") from exc
             self.pm.register(plugin, name=ep.name)
-            if getattr(ep, "dist", None) is not None:
-                self._dists[ep.name] = ep.dist
+            dist = getattr(ep, "dist", None)
+            if dist is not None:
+                self._dists[ep.name] = dist
             log.debug("plugin_loaded", plugin=ep.name)
 
     # ----------------------------------------------------------- management

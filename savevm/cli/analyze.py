@@ -59,10 +59,10 @@ def _peek_header(path: str) -> tuple[str, list[tuple[str, int]]]:
             p += 8
             while total > 0 and p < len(head):
                 n = head[p]
-                name = head[p + 1 : p + 1 + n].decode(errors="replace")
+                block_name = head[p + 1 : p + 1 + n].decode(errors="replace")
                 length = struct.unpack(">Q", head[p + 1 + n : p + 9 + n])[0]
                 p += 9 + n
-                blocks.append((name, length))
+                blocks.append((block_name, length))
                 total -= length
     return machine, blocks
 

@@ -116,7 +116,7 @@ class CompressCodec(PageCodec):
             out = d.decompress(data, PAGE_SIZE + 1)
             if not d.eof or len(out) != PAGE_SIZE:
                 raise ValueError(f"inflates to {len(out)} bytes{'' if d.eof else ' (no stream end)'}")
-        except (zlib_ng.error, ValueError) as exc:
+        except (zlib_ng.error, ValueError) as exc:  # type: ignore[misc]  # zlib_ng.error is an exception class
             raise CorruptStreamError(
                 f"compressed page {block.idstr!r}@0x{page * PAGE_SIZE:x} does not decompress to one page: {exc}",
                 offset) from exc

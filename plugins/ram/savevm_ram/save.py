@@ -468,7 +468,7 @@ class RAMHandlers(SaveVMHandlers):
                     out = scratch[row : row + (j - i)]
                     out[:, :8] = hb[i:j]
                     out[:, 8:] = data[i:j]
-                    parts.append(memoryview(out.reshape(-1)))
+                    parts.append(out.reshape(-1).data)
                     nbytes += _REC * (j - i)
                     row += j - i
         f.put_iovecs(parts, nbytes)
@@ -548,7 +548,7 @@ class RAMHandlers(SaveVMHandlers):
         self.load_last_block = None
         self._codec_by_flag = {}
         self.codecs = _collect_codecs(self.plugins, self.config)
-        self._ext_codecs: dict[int, PageCodec] = {}
+        self._ext_codecs = {}
         for c in self.codecs:
             c.load_setup(self)
             if c.wire_flag in QEMU_CODEC_FLAGS:
