@@ -36,11 +36,14 @@ from savevm.guest import Guest, NullGuest
 from savevm.handlers import SaveVMHandlers
 from savevm.hookspecs import hookimpl, hookspec
 from savevm.load import LoadResult, StreamLoader, load_stream
+from savevm.logging import quiet_default as _quiet_default
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
 from savevm.registry import SectionEntry, SectionRegistry
 from savevm.save import StreamWriter, save_stream
 from savevm.snapshot import restore, snapshot
+
+_quiet_default()
 
 __version__ = "0.1.0"
 

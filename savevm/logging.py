@@ -53,3 +53,15 @@ def configure_logging(
         cache_logger_on_first_use=False,
     )
     _configured["done"] = True
+
+
+def quiet_default() -> None:
+    """If the application has not configured structlog, show warnings and errors only.
+
+    structlog's own default prints every level to stdout, which would make a
+    library chatty in programs that never asked for its logs.  An
+    application that configures structlog (before or after importing
+    savevm) keeps full control.
+    """
+    if not structlog.is_configured():
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
