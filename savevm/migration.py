@@ -594,6 +594,7 @@ class Incoming(_StateMachine):
         """Stop waiting / loading; what was loaded is discarded (guest not resumed)."""
         if self._done.is_set():
             return
+        self._cancelled = True
         if self._listener is not None:
             self._listener.close()
         shut = getattr(self._channel, "shutdown", None)
@@ -664,8 +665,11 @@ class Incoming(_StateMachine):
             log.warning("incoming_ack_failed", error=str(exc))
 
     def _fail(self, exc: BaseException) -> None:
-        if isinstance(exc, MigrationError):
-            err: MigrationError = exc
+        if getattr(self, "_cancelled", False) and not isinstance(exc, MigrationCancelled):
+            err: MigrationError = MigrationCancelled(f"incoming migration cancelled ({exc})")
+            err.__cause__ = exc
+        elif isinstance(exc, MigrationError):
+            err = exc
         else:
             err = MigrationFailed(f"incoming migration failed: {exc!r}")
             err.__cause__ = exc

@@ -191,3 +191,34 @@ def test_destination_dying_after_eof_but_before_ack_fails_the_migration(session:
     assert src.prog.checksums() == before
     rc, _ = dest.finish(60)
     assert rc == 3
+
+
+def test_incoming_cancel_while_loading() -> None:
+    """The destination's cancel ends its load as cancelled; the source fails, resumed."""
+    import threading
+
+    import savevm
+    from savevm.cli.demo import DemoProgram
+    from savevm.migration import Incoming, Migration
+
+    dprog = DemoProgram(size="16M", role="destination")
+    dreg = savevm.PluginHost().new_registry()
+    dprog.register(dreg)
+    inc = Incoming(dreg, "tcp:127.0.0.1:0")
+    uri = inc.listen()
+    inc.start()
+    sprog = DemoProgram(size="16M", dirty_rate="0")
+    sreg = savevm.PluginHost().new_registry()
+    sprog.register(sreg)
+    before = sprog.checksums()
+    mig = Migration(sreg, uri, guest=sprog, config=MigrationConfig().set_parameter("max-bandwidth", "2M"))
+    mig.start()
+    wait_for(lambda: inc.state == "active" and (inc.query().stream_bytes or 0) > 100_000, 20, what="loading")
+    threading.Thread(target=inc.cancel).start()
+    ist = inc.wait(20)
+    assert ist.status == "failed"
+    assert isinstance(inc.error, savevm.MigrationCancelled)
+    st = mig.wait(30)
+    assert st.status == "failed"
+    assert not sprog._paused.is_set(), "the source program runs again"
+    assert sprog.checksums() == before
