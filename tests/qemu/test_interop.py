@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import attrs
@@ -361,3 +362,64 @@ def test_savevm_analyze_reads_qemu_stream(tmp_path: Path, capsys: pytest.Capture
     assert [(b["idstr"], b["used_length"]) for b in rep["ram"]["blocks"]] == dump.ram_blocks
     skipped = [s["idstr"] for s in rep["sections"] if s["how"].startswith("skipped")]
     assert skipped == [s.idstr for s in dump.full_sections()]
+
+
+# ----------------------------------------------------------------------------- live, over tcp
+def test_live_migration_from_savevm_into_qemu_over_tcp() -> None:
+    """savevm's Migration (the live engine, not a file) into a QEMU listening on tcp.
+
+    QEMU has no savevm return path: it closes the socket once loaded, and the
+    source counts that as done.  A workload thread keeps rewriting pages
+    while the migration iterates, so later PARTs carry them.
+    """
+    import socket
+    import threading
+
+    from savevm.migration import Migration
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    src = _Source(seed=21)
+    reg, ram, handlers = qemu_registry([("pc.ram", RAM_SIZE)], {"pc.ram": src.buf})
+    block = ram.find("pc.ram")
+    assert block is not None
+    stop = threading.Event()
+    paused = threading.Event()
+
+    class Writer:
+        def pause(self) -> None:
+            paused.set()
+
+        def resume(self) -> None:
+            paused.clear()
+
+        def set_throttle(self, percent: int) -> None:
+            pass
+
+    def work() -> None:
+        rng = np.random.default_rng(5)
+        while not stop.is_set() and not paused.is_set():
+            off = int(rng.integers(0x200000 // PAGE, RAM_SIZE // PAGE)) * PAGE
+            block.write(off, rng.bytes(64))
+            time.sleep(0.01)  # ~400 KB/s of dirtied pages: converges at 2 MB/s
+
+    with harness.QemuProcess(machine=Q35, memory="64M", incoming=f"tcp:127.0.0.1:{port}") as vm:
+        t = threading.Thread(target=work)
+        t.start()
+        cfg = reg.config.set_parameter("max-bandwidth", "2M")
+        mig = Migration(reg, f"tcp:127.0.0.1:{port}", guest=Writer(), config=cfg)
+        mig.start()
+        try:
+            st = mig.wait(60)
+        finally:
+            if mig.is_running():
+                mig.cancel()
+            stop.set()
+            t.join()
+        assert st.status == "completed" and st.iterations and st.iterations > 1
+        vm.wait_incoming_done(30)
+        assert vm.status() == "paused"
+        memory = {gpa: vm.read_guest_memory(gpa, size) for gpa, size in guest_ranges()}
+    assert_guest_equals(memory, src.buf)
