@@ -574,6 +574,9 @@ class Incoming(_StateMachine):
         self._f: QEMUFile | None = None
         self.bytes_loaded = 0
         self.accept_timeout: float | None = None
+        #: a vmdesc describing device sections this side does not model (e.g. a real QEMU
+        #: source's CPUs and chipset), so they are skipped by size instead of refused
+        self.vmdesc: dict[str, Any] | None = None
 
     def listen(self) -> str:
         """Start listening; returns the real URI (``tcp:127.0.0.1:0`` gets its port)."""
@@ -648,7 +651,8 @@ class Incoming(_StateMachine):
             # a source that goes silent this long is gone: fail instead of waiting forever
             sock.settimeout(self.accept_timeout)
         f = self._f = QEMUFile(self._channel)
-        StreamLoader(f, self.registry, self.config, on_eof=lambda: self._send(RP_GOT_EOF)).load()
+        StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc,
+                     on_eof=lambda: self._send(RP_GOT_EOF)).load()
         self.bytes_loaded = f.pos
         self.guest.resume()
         self._send(ACK_OK)

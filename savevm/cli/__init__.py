@@ -87,6 +87,9 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("--guest", required=True, help="MODULE:CALLABLE returning the program")
     i.add_argument("--guest-arg", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--print-uri", action="store_true", help="print the listening URI as the first stdout line")
+    i.add_argument("--vmdesc", metavar="FILE",
+                   help="a stream file (or vmdesc JSON) from the same kind of source: device sections "
+                        "this side does not model are skipped by their described size")
     i.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the source to connect, and the longest silence once connected")
     _migration_opts(i)

@@ -57,6 +57,8 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     prog.register(reg)
     inc = Incoming(reg, args.uri, guest=prog, config=cfg)
     inc.accept_timeout = args.timeout
+    if args.vmdesc:
+        inc.vmdesc = _read_vmdesc_arg(args.vmdesc)
     uri = inc.listen()
     if args.print_uri:
         print(uri, flush=True)
@@ -73,6 +75,24 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     else:
         print_table(st, "savevm incoming")
     return 0 if st.status == "completed" else 1
+
+
+def _read_vmdesc_arg(path: str) -> dict[str, Any]:
+    """``--vmdesc``: a JSON file, or a stream file whose trailing vmdesc is read."""
+    from savevm.load import read_vmdesc
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1)
+        if head == b"{":
+            with open(path, "rb") as fh:
+                return dict(json.load(fh))
+        desc = read_vmdesc(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--vmdesc", f"cannot read {path!r}: {exc}") from exc
+    if desc is None:
+        raise ConfigError("--vmdesc", f"{path!r} holds no vmdesc (neither JSON nor a stream ending in one)")
+    return desc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
