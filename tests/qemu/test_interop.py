@@ -453,3 +453,41 @@ def test_live_migration_from_qemu_into_savevm_over_tcp(tmp_path: Path) -> None:
     pc = ram.find("pc.ram")
     assert pc is not None and bytes(pc.mv[0x300000 : 0x300000 + 16 * PAGE]) == payload
     assert handlers.counters.loaded_pages >= 64 << 20 >> 12
+
+
+def test_cli_incoming_from_live_qemu_with_auto_created_blocks(tmp_path: Path) -> None:
+    """`savevm incoming --vmdesc REF --guest savevm.cli.qemu_guest:QemuGuest` takes a live QEMU."""
+    import subprocess
+    import sys
+
+    ref = tmp_path / "ref.mig"
+    payload = np.frombuffer(np.random.default_rng(12).bytes(8 * PAGE), dtype=np.uint8).tobytes()
+    blob = tmp_path / "payload.bin"
+    blob.write_bytes(payload)
+    loader = harness.loader_args(str(blob), 0x400000)
+    with harness.QemuProcess(machine=Q35, memory="64M", extra_args=loader) as vm:
+        vm.migrate_to_file(ref, timeout=30)
+    dump_dir = tmp_path / "blocks"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "savevm.cli", "incoming", "tcp:127.0.0.1:0", "--print-uri", "--json",
+         "--machine", Q35, "--vmdesc", str(ref), "--timeout", "60",
+         "--guest", "savevm.cli.qemu_guest:QemuGuest", "--guest-arg", f"dump_dir={dump_dir}"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        with harness.QemuProcess(machine=Q35, memory="64M", extra_args=loader) as vm:
+            vm.set_parameters(max_bandwidth=0)
+            vm.migrate(uri, timeout=30)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    rep = json.loads(out.strip().splitlines()[-1])
+    blocks = rep["guest"]["blocks"]
+    assert {name: b["used_length"] for name, b in blocks.items()} == dict(QEMU_64M_BLOCKS)
+    pc_ram = (dump_dir / "pc.ram").read_bytes()
+    assert len(pc_ram) == 64 << 20 and pc_ram[0x400000 : 0x400000 + 8 * PAGE] == payload
+    assert (dump_dir / "rom@etc" / "acpi" / "rsdp").exists()

@@ -97,3 +97,25 @@ def test_destination_without_the_codec_refuses_at_setup() -> None:
         StreamLoader(QEMUFile(MemoryChannel(data)), reg).load()
     assert data[ei.value.offset : ei.value.offset + 8] == int(Flag.SAVEVM_CODECS).to_bytes(8, "big")
     assert not dst.any(), "refused before any page was written"
+
+
+def test_auto_create_blocks_and_its_bound() -> None:
+    """RAMList(auto_create=True) makes the stream's blocks; a bound keeps a hostile stream in check."""
+    src = np.frombuffer(np.random.default_rng(3).bytes(16 * 4096), dtype=np.uint8).copy()
+    reg = savevm.PluginHost().new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("x/y", src)]))
+    ch = MemoryChannel()
+    f = QEMUFile(ch, writable=True)
+    save_stream(f, reg)
+    f.flush()
+    ram = savevm_ram.RAMList(auto_create=True)
+    reg2 = savevm.PluginHost().new_registry()
+    savevm_ram.register_ram(reg2, ram)
+    StreamLoader(QEMUFile(MemoryChannel(ch.getvalue())), reg2).load()
+    got = ram.find("x/y")
+    assert got is not None and bytes(got.mv[: got.used_length]) == src.tobytes()
+    small = savevm_ram.RAMList(auto_create=True, max_auto_bytes=4096)
+    reg3 = savevm.PluginHost().new_registry()
+    savevm_ram.register_ram(reg3, small)
+    with pytest.raises(savevm.CorruptStreamError, match="max_auto_bytes"):
+        StreamLoader(QEMUFile(MemoryChannel(ch.getvalue())), reg3).load()

@@ -162,10 +162,15 @@ class RAMBlock:
 class RAMList:
     """The migratable blocks, in QEMU's order (largest ``max_length`` first)."""
 
-    def __init__(self, blocks: list[RAMBlock] | None = None) -> None:
+    def __init__(self, blocks: list[RAMBlock] | None = None, *, auto_create: bool = False,
+                 max_auto_bytes: int = 64 << 30) -> None:
         self._blocks: list[RAMBlock] = []
         #: bumped on every add/remove, like ram_list.version (hotplug)
         self.version = 0
+        #: destination only: a block the stream announces but this side lacks is created
+        #: (zeroed, lazily committed memory) instead of refused, up to ``max_auto_bytes`` in all
+        self.auto_create = auto_create
+        self.max_auto_bytes = max_auto_bytes
         for b in blocks or []:
             self.add(b)
 
@@ -190,6 +195,14 @@ class RAMList:
         for b in self._blocks:
             b.offset = off
             off += b.max_length
+
+    def create(self, idstr: str, length: int) -> RAMBlock:
+        """Make a zeroed block for a stream's block list (``auto_create``)."""
+        if sum(b.max_length for b in self._blocks) + length > self.max_auto_bytes:
+            raise MigrationError(f"RAMBlock {idstr!r}: {length} more bytes exceed max_auto_bytes "
+                                 f"{self.max_auto_bytes}")
+        log.info("ram_block_auto_create", block=idstr, length=length)
+        return self.add(RAMBlock(idstr, np.zeros(max(length, PAGE_SIZE), dtype=np.uint8), used_length=length))
 
     def find(self, idstr: str) -> RAMBlock | None:
         """Block by name."""

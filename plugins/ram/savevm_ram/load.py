@@ -224,12 +224,17 @@ def _load_block_list(rs: RAMHandlers, f: QEMUFile, total: int, off: int) -> None
         name = f.get_counted_string()
         length = f.get_be64()
         block = rs.ram.find(name)
-        if block is None:
-            raise UnknownSectionError(f"unknown RAMBlock {name!r}, cannot accept migration", name_off)
         if length > remaining or length % PAGE_SIZE:
             raise CorruptStreamError(
                 f"RAMBlock {name!r} length 0x{length:x} is not page aligned or exceeds the "
                 f"announced total (0x{remaining:x} left of 0x{total:x})", name_off)
+        if block is None and rs.ram.auto_create:
+            try:
+                block = rs.ram.create(name, length)
+            except MigrationError as exc:
+                raise CorruptStreamError(str(exc), name_off) from exc
+        if block is None:
+            raise UnknownSectionError(f"unknown RAMBlock {name!r}, cannot accept migration", name_off)
         if length != block.used_length:
             try:
                 block.resize(length)

@@ -1,0 +1,53 @@
+"""A destination program for a real QEMU's RAM: ``--guest savevm.cli.qemu_guest:QemuGuest``.
+
+Its RAMList creates blocks as the stream announces them, so any QEMU
+machine's RAM (``pc.ram``, the ROM blocks, ...) is received without
+knowing its layout; pair it with ``--vmdesc`` so the machine's device
+sections are skipped.  ``dump_dir=DIR`` writes each block to a file named
+after it once loaded, like analyze-migration.py's ``--extract``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+
+class QemuGuest:
+    """RAM-only receiver for QEMU streams (nothing to pause; nothing runs)."""
+
+    def __init__(self, dump_dir: str | None = None, max_ram: str = "64G") -> None:
+        import savevm_ram
+
+        from savevm.config import parse_size
+
+        self.ram = savevm_ram.RAMList(auto_create=True, max_auto_bytes=parse_size(max_ram, "max_ram"))
+        self.dump_dir = dump_dir
+
+    def register(self, registry: Any) -> None:
+        import savevm_ram
+
+        savevm_ram.register_ram(registry, self.ram)
+
+    def pause(self) -> None:
+        """Nothing runs on this side."""
+
+    def resume(self) -> None:
+        """Loaded: write the blocks out if asked to."""
+        if not self.dump_dir:
+            return
+        for b in self.ram:
+            path = os.path.join(self.dump_dir, b.idstr.lstrip("/"))
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(b.mv[: b.used_length])
+
+    def set_throttle(self, percent: int) -> None:
+        """Nothing to throttle."""
+
+    def report(self) -> dict[str, Any]:
+        """Blocks received, with sizes and sha256."""
+        return {"blocks": {b.idstr: {"used_length": b.used_length,
+                                     "sha256": hashlib.sha256(b.mv[: b.used_length]).hexdigest()}
+                           for b in self.ram}}
