@@ -234,6 +234,7 @@ class RAMHandlers(SaveVMHandlers):
         self.last_sent_block = None
         self.last_seen_block = self.last_page = 0
         self.bitmap.follow_blocks()
+        self.counters.total = self.ram.total_bytes
 
     def save_live_pending(self, threshold: int) -> int:
         """Dirty bytes; re-sync first when already below ``threshold`` (ram_save_pending)."""
