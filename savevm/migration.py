@@ -214,6 +214,8 @@ class Migration(_StateMachine):
         self.bandwidth = 0.0  # bytes per ms over the last window
         self.threshold_size = 0
         self.throttle_percentage = 0
+        #: the highest throttle auto-converge applied (the live value returns to 0 at the end)
+        self.max_throttle_percentage = 0
         self._dirty_rate_high_cnt = 0
         self._final_stats: dict[str, Any] | None = None
 
@@ -294,6 +296,8 @@ class Migration(_StateMachine):
         st.xbzrle_cache = sections.get("xbzrle-cache")
         st.compression = sections.get("compression")
         st.cpu_throttle_percentage = self.throttle_percentage
+        if self.max_throttle_percentage:
+            st.extra["cpu-throttle-percentage-max"] = self.max_throttle_percentage
         st.iterations = self.iterations
         if self._f is not None:
             st.stream_bytes = self._f.pos
@@ -469,6 +473,7 @@ class Migration(_StateMachine):
                 else:
                     pct = min(self.throttle_percentage + p.cpu_throttle_increment, p.max_cpu_throttle)
                 self.throttle_percentage = pct
+                self.max_throttle_percentage = max(self.max_throttle_percentage, pct)
                 log.info("migration_throttle", percent=pct, dirty_bytes=dirty_bytes, xfer_bytes=xfer_bytes)
                 self.guest.set_throttle(pct)
 

@@ -103,6 +103,8 @@ def print_table(st: MigrationStats, title: str = "migration", extra: dict[str, A
         rows.append(("iterations", str(st.iterations)))
     if st.cpu_throttle_percentage:
         rows.append(("cpu throttle", f"{st.cpu_throttle_percentage}%"))
+    if st.extra.get("cpu-throttle-percentage-max"):
+        rows.append(("cpu throttle (max)", f"{st.extra['cpu-throttle-percentage-max']}%"))
     ram = st.ram or {}
     for k in ("total", "transferred", "normal-bytes"):
         if k in ram:

@@ -100,6 +100,7 @@ def test_auto_converge_throttles_until_it_completes(session: Session) -> None:
     assert seen_throttle >= 20 and seen_throttle in raised
     assert src.prog.current_throttle == 0
     assert st.cpu_throttle_percentage == 0
+    assert st.as_qmp()["cpu-throttle-percentage-max"] == max(raised)
     # while throttled the workload really slowed down (it still wrote)
     assert src.prog.pages_dirtied > 0
 
