@@ -104,6 +104,7 @@ class _StateMachine(abc.ABC):
         self.guest: Guest = guest or NullGuest()
         self._channel = channel
         self.plugins = plugins or registry.plugins
+        self._init_side()
         self._state = MigrationState.NONE
         self._state_lock = threading.Lock()
         self._done = threading.Event()
@@ -157,6 +158,10 @@ class _StateMachine(abc.ABC):
     _thread: threading.Thread | None
 
     @abc.abstractmethod
+    def _init_side(self) -> None:
+        """Side-specific state, set up at the end of ``__init__``."""
+
+    @abc.abstractmethod
     def start(self) -> None:
         """Begin in a background thread."""
 
@@ -186,17 +191,7 @@ class Migration(_StateMachine):
 
     side = "source"
 
-    def __init__(
-        self,
-        registry: SectionRegistry,
-        uri: str | None = None,
-        *,
-        channel: Channel | None = None,
-        guest: Guest | None = None,
-        config: MigrationConfig | None = None,
-        plugins: PluginHost | None = None,
-    ) -> None:
-        super().__init__(registry, uri, channel=channel, guest=guest, config=config, plugins=plugins)
+    def _init_side(self) -> None:
         self._f: QEMUFile | None = None
         self._writer: StreamWriter | None = None
         self._thread: threading.Thread | None = None
@@ -561,17 +556,7 @@ class Incoming(_StateMachine):
 
     side = "destination"
 
-    def __init__(
-        self,
-        registry: SectionRegistry,
-        uri: str | None = None,
-        *,
-        channel: Channel | None = None,
-        guest: Guest | None = None,
-        config: MigrationConfig | None = None,
-        plugins: PluginHost | None = None,
-    ) -> None:
-        super().__init__(registry, uri, channel=channel, guest=guest, config=config, plugins=plugins)
+    def _init_side(self) -> None:
         self._listener: Listener | None = None
         self._thread: threading.Thread | None = None
         self._t_start = 0.0
