@@ -372,6 +372,7 @@ class QEMUFile:
         """Fill ``dest`` completely from the stream (copies from the stage,
         then reads large remainders straight into ``dest``)."""
         n = dest.nbytes
+        start = self.pos
         if dest.format != "B" or dest.ndim != 1:
             dest = dest.cast("B")
         avail = self._rend - self._rpos
@@ -391,7 +392,8 @@ class QEMUFile:
         got = avail
         while got < n:
             if self._eof:
-                raise TruncatedStreamError(f"stream ended: needed {n - got} more bytes", self._consumed)
+                raise TruncatedStreamError(
+                    f"stream ended: a {n}-byte read got {got} bytes", start)
             try:
                 r = self.channel.readinto(dest[got:])
             except OSError as exc:
