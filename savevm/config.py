@@ -199,6 +199,9 @@ class MigrationConfig:
     send_section_footer: bool = True
     send_vmdesc: bool = True
     plugins: PluginSettings = attrs.field(factory=PluginSettings)
+    #: URI scheme -> the transport scheme that carries it (``{"tcp": "rdma"}`` sends
+    #: ``tcp:HOST:PORT`` URIs over the RDMA-style transport): swapping transports is config
+    transports: Mapping[str, str] = attrs.field(factory=dict)
 
     # ---------------------------------------------------------------- access
     def has(self, capability: str) -> bool:
@@ -236,7 +239,7 @@ class MigrationConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MigrationConfig:
         """Build from a mapping shaped like the TOML file (see README)."""
-        known = {"capabilities", "parameters", "machine", "plugins",
+        known = {"capabilities", "parameters", "machine", "plugins", "transports",
                  "send-configuration", "send-section-footer", "send-vmdesc"}
         for k in data:
             if k not in known:
@@ -264,6 +267,12 @@ class MigrationConfig:
                 changes[key.replace("-", "_")] = _parse_bool(data[key], key)
         if "plugins" in data:
             changes["plugins"] = _plugin_settings(data["plugins"])
+        if "transports" in data:
+            tr = data["transports"]
+            if not isinstance(tr, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in tr.items()):
+                raise ConfigError("transports", 'expected a table of scheme = "transport scheme", e.g. tcp = "rdma"')
+            changes["transports"] = dict(tr)
         return attrs.evolve(cfg, **changes)
 
     @classmethod
@@ -287,6 +296,7 @@ class MigrationConfig:
             "send-configuration": self.send_configuration,
             "send-section-footer": self.send_section_footer,
             "send-vmdesc": self.send_vmdesc,
+            "transports": dict(self.transports),
             "plugins": {
                 "enable": list(self.plugins.enable),
                 "disable": list(self.plugins.disable),

@@ -150,10 +150,17 @@ class PluginHost:
 
     # ----------------------------------------------------------- core hooks
     def get_transport(self, scheme: str) -> Any:
-        """The transport for ``scheme``; URIError if no plugin offers it."""
-        t = self.pm.hook.savevm_get_transport(scheme=scheme, config=self.config)
+        """The transport for ``scheme``; URIError if no plugin offers it.
+
+        ``config.transports`` may route a scheme to another transport (e.g.
+        ``tcp`` to ``rdma``), so changing transport needs no code change.
+        """
+        carrier = self.config.transports.get(scheme, scheme)
+        t = self.pm.hook.savevm_get_transport(scheme=carrier, config=self.config)
         if t is None:
-            raise URIError(f"{scheme}:", f"no transport for scheme {scheme!r} (built in: tcp, unix, file, exec, fd)")
+            via = f" (routed to {carrier!r} by the transports config)" if carrier != scheme else ""
+            raise URIError(f"{scheme}:", f"no transport for scheme {scheme!r}{via} "
+                                         "(built in: tcp, unix, file, exec, fd)")
         return t
 
     def register_sections(self, registry: Any) -> None:

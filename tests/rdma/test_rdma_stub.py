@@ -148,3 +148,26 @@ def test_rdma_uri_and_channel() -> None:
         port = s2.getsockname()[1]
         s2.close()
         savevm.channels.open_channel(f"rdma:127.0.0.1:{port}")
+
+
+def test_transport_swapped_by_config_alone() -> None:
+    """``[transports] tcp = "rdma"``: the same tcp: URI now moves pages by remote write."""
+    cfg = savevm.MigrationConfig.from_dict({"transports": {"tcp": "rdma"}})
+    src = _src_memory(6)
+    dst = np.zeros_like(src)
+    sreg = savevm.PluginHost(cfg).new_registry()
+    sh = savevm_ram.register_ram(sreg, savevm_ram.RAMList([savevm_ram.RAMBlock("a", src)]))
+    dreg = savevm.PluginHost(cfg).new_registry()
+    savevm_ram.register_ram(dreg, savevm_ram.RAMList([savevm_ram.RAMBlock("a", dst)]))
+    inc = Incoming(dreg, "tcp:127.0.0.1:0")
+    uri = inc.listen()
+    assert uri.startswith("rdma:")  # the listener says what really carries it
+    inc.start()
+    st = Migration(sreg, "tcp:" + uri.partition(":")[2]).run()
+    assert inc.wait(30).status == "completed" and st.status == "completed"
+    assert np.array_equal(src, dst)
+    assert sh.counters.control == N // 4096, "every page went out of band"
+    with pytest.raises(savevm.ConfigError, match="transports"):
+        savevm.MigrationConfig.from_dict({"transports": ["tcp"]})
+    with pytest.raises(savevm.URIError, match="routed to 'nope'"):
+        savevm.PluginHost(savevm.MigrationConfig.from_dict({"transports": {"tcp": "nope"}})).get_transport("tcp")
