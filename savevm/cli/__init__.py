@@ -110,6 +110,11 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
     _common(d)
 
+    b = sub.add_parser("bench", help="measure the hot paths on this machine (in-process, with baselines)")
+    b.add_argument("--size", default="256M", help="bytes of RAM to push through (default 256M)")
+    b.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
+    _common(b)
+
     a = sub.add_parser("analyze", help="describe a migration stream file (ours or QEMU's)")
     a.add_argument("file")
     a.add_argument("--machine", help="expected machine name (default: the stream's own)")
@@ -134,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             from savevm.cli.commands import cmd_demo
 
             return cmd_demo(args)
+        if args.command == "bench":
+            from savevm.cli.commands import cmd_bench
+
+            return cmd_bench(args)
         if args.command == "analyze":
             from savevm.cli.commands import cmd_analyze
 

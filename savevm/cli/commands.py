@@ -172,6 +172,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if verified else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``savevm bench``: in-process hot-path figures with same-run baselines."""
+    from savevm.cli.bench import run_bench
+    from savevm.config import parse_size
+
+    size = parse_size(args.size, "--size") // 4096 * 4096
+    if size <= 0 or args.runs < 1:
+        raise ConfigError("--size", "need at least one page and one run")
+    rows = run_bench(size, args.runs)
+    if args.json:
+        print(json.dumps({"size": size, "runs": args.runs, "rows": rows}))
+        return 0
+    print(f"savevm bench: {human(size)}, median of {args.runs} runs")
+    w = max(len(r["what"]) for r in rows)
+    print(f"{'what':<{w}}  {'seconds':>8}  {'GB/s':>6}  {'baseline GB/s':>13}  ratio  baseline")
+    for r in rows:
+        print(f"{r['what']:<{w}}  {r['seconds']:8.3f}  {r['GB/s']:6.2f}  {r['baseline GB/s']:13.2f}  "
+              f"{r['ratio']:5.2f}  {r['baseline']}")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``savevm analyze FILE``: sections, RAM blocks and page counts of a stream file."""
     from savevm.cli.analyze import analyze_file
@@ -192,4 +213,4 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "ok" else 1
 
 
-__all__ = ["MigrationState", "cmd_analyze", "cmd_demo", "cmd_incoming", "cmd_migrate"]
+__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_demo", "cmd_incoming", "cmd_migrate"]

@@ -81,3 +81,11 @@ def test_config_file_and_set_order(tmp_path: Path) -> None:
     assert cfg.machine == "pc-q35-7.2"
     assert cfg.has("xbzrle") and cfg.has("auto-converge")
     assert cfg.param("max-bandwidth") == 1 << 30 and cfg.param("downtime-limit") == 50
+
+
+def test_bench_command(capsys: object) -> None:
+    assert main(["bench", "--size", "4M", "--runs", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]
+    whats = [r["what"] for r in rep["rows"]]
+    assert any("random pages" in w for w in whats) and any("XBZRLE decode" in w for w in whats)
+    assert all(r["GB/s"] > 0 and r["baseline GB/s"] > 0 for r in rep["rows"])
