@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+import xbzrle_strategies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from savevm_xbzrle.cache import (
@@ -24,18 +21,7 @@ from savevm_xbzrle.stats import XbzrleStats
 
 from savevm.errors import ConfigError
 
-
-def _load_strategies():
-    name = "savevm_tests_xbzrle_strategies"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("strategies.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-S = _load_strategies()
+S = xbzrle_strategies
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PAGE = 4096
 
