@@ -51,9 +51,9 @@ for _p in (_ROOT, _ROOT / "plugins" / "ram"):
         sys.path.insert(0, str(_p))
 
 import numpy as np  # noqa: E402
-import savevm_ram  # noqa: E402
 
 import savevm  # noqa: E402
+import savevm_ram  # noqa: E402
 from savevm.channels import FdChannel, listen, open_channel  # noqa: E402
 from savevm.config import parse_size  # noqa: E402
 from savevm.logging import configure_logging  # noqa: E402

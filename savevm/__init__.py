@@ -33,17 +33,14 @@ from savevm.errors import (
     VersionMismatchError,
 )
 from savevm.guest import Guest, NullGuest
-from savevm.handlers import SaveVMHandlers
+from savevm.handlers import SaveContext, SaveVMHandlers
 from savevm.hookspecs import hookimpl, hookspec
 from savevm.load import LoadResult, StreamLoader, load_stream
-from savevm.logging import quiet_default as _quiet_default
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
 from savevm.registry import SectionEntry, SectionRegistry
 from savevm.save import StreamWriter, save_stream
 from savevm.snapshot import restore, snapshot
-
-_quiet_default()
 
 __version__ = "0.1.0"
 
@@ -51,7 +48,7 @@ __all__ = [
     "BadMagicError", "ChannelError", "ConfigError", "ConfigurationMismatchError", "CorruptStreamError",
     "FooterMismatchError", "Guest", "LoadResult", "MigrationCancelled", "MigrationConfig", "MigrationError",
     "MigrationFailed", "MigrationParameters", "NullGuest", "PageRangeError", "PluginError", "PluginHost",
-    "QEMUFile", "RegistrationError", "SaveVMHandlers", "SectionEntry", "SectionRegistry", "StreamError",
+    "QEMUFile", "RegistrationError", "SaveContext", "SaveVMHandlers", "SectionEntry", "SectionRegistry", "StreamError",
     "StreamLoader", "StreamWriter", "TrailingDataError", "TruncatedStreamError", "URIError",
     "UnknownSectionError", "VersionMismatchError", "hookimpl", "hookspec", "load_stream", "restore",
     "save_stream", "snapshot",

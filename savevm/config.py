@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 
 from savevm.errors import ConfigError
+from savevm.format import TARGET_PAGE_SIZE
 
-PAGE_SIZE = 4096
+PAGE_SIZE = TARGET_PAGE_SIZE
 
 #: Every capability QEMU 7.2 knows (qapi/migration.json MigrationCapability).
 QEMU_CAPABILITIES: tuple[str, ...] = (
@@ -87,23 +89,27 @@ def _cache_size_check(_inst: Any, attr: attrs.Attribute, value: int) -> None:
     check_xbzrle_cache_size(value)
 
 
-def check_xbzrle_cache_size(value: int, page_size: int = PAGE_SIZE) -> None:
-    """QEMU 7.2 wants a power-of-two number of pages, at least one; it never rounds."""
-    pages = value // page_size
-    if value >= page_size and value % page_size == 0 and pages & (pages - 1) == 0:
-        return
-    below = page_size
-    while below * 2 <= value:
-        below *= 2
-    above = below * 2 if value >= page_size else page_size
-    if value < page_size:
-        hint = f"nearest valid size: {page_size}"
+def check_xbzrle_cache_size(value: Any, page_size: int = PAGE_SIZE) -> int:
+    """Validate an xbzrle-cache-size and return its number of page slots.
+
+    QEMU 7.2 wants a power-of-two number of pages, at least one, and never
+    rounds; the message names the nearest valid sizes so the user does not
+    have to do the arithmetic.  The XBZRLE plugin's page cache uses this
+    same check, so the parameter and the cache can never disagree.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError("xbzrle-cache-size", f"must be an integer number of bytes, got {value!r}")
+    size = int(value)
+    items, rest = divmod(size, page_size)
+    if size >= page_size and rest == 0 and items & (items - 1) == 0:
+        return items
+    rule = f"must be a power-of-two number of {page_size}-byte pages and >= {page_size}"
+    if size < page_size:
+        hint = f"smallest valid size: {page_size}"
     else:
-        hint = f"nearest valid sizes: {below} and {above}"
-    raise ConfigError(
-        "xbzrle-cache-size",
-        f"{value} is not a power-of-two number of {page_size}-byte pages (>= {page_size}); {hint}",
-    )
+        below = (1 << (items.bit_length() - 1)) * page_size
+        hint = f"nearest valid sizes: {below}, {below * 2}"
+    raise ConfigError("xbzrle-cache-size", f"{rule}; got {size}; {hint}")
 
 
 def _p(qemu: str, default: Any, kind: str, validator: Any = None) -> Any:
@@ -213,6 +219,23 @@ class MigrationConfig:
     def param(self, name: str) -> Any:
         """A parameter by QEMU name."""
         return self.parameters.get(name)
+
+    def plugin_options(self, name: str) -> Mapping[str, Any]:
+        """The ``[plugins.NAME]`` table of a plugin, found by any of its names.
+
+        A plugin registered as ``savevm_xbzrle.plugin`` (module) or
+        ``xbzrle`` (entry point) finds a table named ``xbzrle``,
+        ``savevm_xbzrle`` or its full registration name.
+        """
+        opts = self.plugins.options
+        short = name.rsplit(".", 1)[-1]
+        for key in (name, short, short.removeprefix("savevm_")):
+            if key in opts:
+                return opts[key]
+        for key in (n for n in name.split(".") if n.startswith("savevm_")):
+            if key in opts or key.removeprefix("savevm_") in opts:
+                return opts.get(key) or opts[key.removeprefix("savevm_")]
+        return {}
 
     # ---------------------------------------------------------------- changes
     def set_parameter(self, name: str, value: Any) -> MigrationConfig:

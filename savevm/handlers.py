@@ -1,39 +1,50 @@
 """SaveVMHandlers: what a live section implements (QEMU's register.h).
 
 A live section (RAM, a device with a lot of state) is iterated while the
-program runs; its handlers are called by :mod:`savevm.save` and
-:mod:`savevm.load`.  Subclass :class:`SaveVMHandlers` and override what you
-need: every method has a harmless default, so a section only writes what
-it does.
+program runs; its handlers are called by :mod:`savevm.save`,
+:mod:`savevm.load` and :mod:`savevm.migration`.  Subclass
+:class:`SaveVMHandlers` and override what you need: every method has a
+harmless default, so a section only writes what it does.  The registry
+accepts nothing else, so the core calls these methods directly instead of
+probing objects for them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 if TYPE_CHECKING:
+    from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
 
 
-@runtime_checkable
-class LiveHandlers(Protocol):
-    """The protocol the core relies on (structural: any object with these)."""
+def _ignore_period(dirty_bytes: int, transferred_bytes: int) -> None:
+    """No migration is listening (a snapshot): dirty-rate periods mean nothing."""
 
-    def save_setup(self, f: QEMUFile) -> None: ...
-    def save_live_iterate(self, f: QEMUFile) -> bool: ...
-    def save_live_complete_precopy(self, f: QEMUFile) -> None: ...
-    def save_live_pending(self, threshold: int) -> int: ...
-    def load_setup(self) -> None: ...
-    def load_state(self, f: QEMUFile, version_id: int) -> None: ...
-    def load_cleanup(self) -> None: ...
-    def cancel(self) -> None: ...
-    def is_active(self) -> bool: ...
+
+@attrs.frozen
+class SaveContext:
+    """What the migration tells a live section at ``save_setup``.
+
+    QEMU's RAM code calls into the migration's auto-converge logic from its
+    bitmap sync (``migration_trigger_throttle``); here the migration hands
+    that callback over explicitly, once, instead of the section reaching for
+    a global.
+    """
+
+    #: Call with (bytes dirtied, bytes sent) at the end of every >= 1 s rate period.
+    on_dirty_period: Callable[[int, int], None] = _ignore_period
+    #: Identifies the migration in logs (empty for a snapshot).
+    migration_id: str = ""
 
 
 class SaveVMHandlers:
     """Base class with QEMU's handler set and do-nothing defaults."""
 
-    def configure(self, config: Any) -> None:
+    def configure(self, config: MigrationConfig) -> None:
         """The migration's :class:`~savevm.config.MigrationConfig`.
 
         Called when a migration starts and after every ``set_parameter`` /
@@ -46,7 +57,7 @@ class SaveVMHandlers:
         """False skips this section in setup, iterate, complete, pending and load_setup."""
         return True
 
-    def save_setup(self, f: QEMUFile) -> None:
+    def save_setup(self, f: QEMUFile, ctx: SaveContext) -> None:
         """Write the START chunk (runs once, while the program runs)."""
 
     def save_live_iterate(self, f: QEMUFile) -> bool:
@@ -71,7 +82,7 @@ class SaveVMHandlers:
         """The migration was cancelled or failed: drop in-flight state."""
 
     def query_stats(self) -> dict[str, Any]:
-        """Keys to merge into query-migrate stats (e.g. ``ram``)."""
+        """Keys to merge into query-migrate stats (e.g. ``ram``), on either side."""
         return {}
 
     # ---------------------------------------------------------------- destination

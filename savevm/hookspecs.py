@@ -10,6 +10,8 @@ The core never calls ``pm.hook`` directly: it goes through the facade in
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -17,6 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     from savevm.channels.base import Transport
     from savevm.config import MigrationConfig
+    from savevm.migration import MigrationBase
     from savevm.registry import SectionRegistry
 
 hookspec = pluggy.HookspecMarker("savevm")
@@ -33,18 +36,27 @@ def savevm_addhooks(pluginmanager: pluggy.PluginManager) -> None:
     """Add hook specifications a plugin offers to other plugins.
 
     Called once, on both sides, when a plugin is registered (historic: a
-    plugin registered later still sees it).  Implementations call
-    ``pluginmanager.add_hookspecs(module)``.  Returns nothing.
+    plugin registered later still sees it).
+
+    :param pluginmanager: the host's plugin manager; call
+        ``pluginmanager.add_hookspecs(module)``.
+    :return: nothing.
     """
 
 
 @hookspec
-def savevm_configure(config: MigrationConfig, options: dict[str, Any]) -> None:
+def savevm_configure(config: MigrationConfig, options: Mapping[str, Any]) -> None:
     """Tell a plugin the migration config and its own option table.
 
-    Called on both sides when a :class:`~savevm.plugins.PluginHost` is built
-    or reconfigured.  ``options`` is ``config.plugins.options[<plugin>]``
-    for the plugin's short name (empty if absent).  Returns nothing.
+    Called on both sides, once per plugin, when a
+    :class:`~savevm.plugins.PluginHost` is built, when a plugin is
+    registered later, and whenever the config changes (a parameter set
+    while migrating).  Each plugin is called on its own, with its own table.
+
+    :param config: the current config.
+    :param options: ``config.plugins.options[<plugin name>]`` (the
+        ``[plugins.NAME]`` TOML table), empty if absent.
+    :return: nothing.
     """
 
 
@@ -59,8 +71,11 @@ def savevm_get_transport(scheme: str, config: MigrationConfig) -> Transport | No
 
     Called on both sides when a URI is opened (``tcp``, ``unix``, ``file``,
     ``exec``, ``fd`` are built in).  Stops at the first non-None result, so
-    a plugin can also override a built-in scheme; return None for schemes
-    you do not handle.
+    a plugin can also override a built-in scheme.
+
+    :param scheme: the scheme to carry (after ``[transports]`` routing).
+    :param config: the current config.
+    :return: a transport, or None for schemes you do not handle.
     """
 
 
@@ -75,7 +90,10 @@ def savevm_register_sections(registry: SectionRegistry, config: MigrationConfig)
 
     Called on both sides when :meth:`savevm.plugins.PluginHost.new_registry`
     builds the registry of one migration, before user sections are added.
-    Returns nothing.
+
+    :param registry: the new registry.
+    :param config: the current config.
+    :return: nothing.
     """
 
 
@@ -85,19 +103,59 @@ def savevm_register_sections(registry: SectionRegistry, config: MigrationConfig)
 
 
 @hookspec
-def savevm_migration_state_changed(migration: Any, old: str, new: str) -> None:
+def savevm_migration_state_changed(migration: MigrationBase, old: str, new: str) -> None:
     """A migration moved from state ``old`` to ``new`` (QEMU migration notifier).
 
     Called on the side the object belongs to (``Migration`` on the source,
     ``Incoming`` on the destination), from the thread that made the
-    transition, after the state is set.  Must not block.  Returns nothing.
+    transition, after the state is set.  Must not block.
+
+    :param migration: the migration object (``.side`` says which).
+    :param old: the previous state (QEMU's MigrationStatus names).
+    :param new: the new state.
+    :return: nothing.
     """
 
 
 @hookspec
-def savevm_query_migrate(migration: Any, info: dict[str, Any]) -> None:
+def savevm_query_migrate(migration: MigrationBase, info: dict[str, Any]) -> None:
     """Add keys to a ``query-migrate``-shaped stats dict before it is returned.
 
-    Called on the source whenever stats are taken.  Mutate ``info`` in
-    place; returns nothing.
+    Called on the source whenever stats are taken.
+
+    :param migration: the migration being queried.
+    :param info: the stats dict; mutate it in place.
+    :return: nothing.
+    """
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def savevm_cli_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add subcommands to the ``savevm`` command (as datasette plugins add theirs).
+
+    Called once when the CLI builds its argument parser, with every
+    installed plugin loaded.  A command's parser must set
+    ``func=callable(args) -> int`` with ``set_defaults``; the callable
+    returns the exit code.
+
+    :param subparsers: the ``savevm`` parser's subcommand group.
+    :return: nothing.
+    """
+
+
+@hookspec
+def savevm_bench(size: int, runs: int) -> list[dict[str, Any]] | None:
+    """Contribute rows to ``savevm bench`` (hot-path figures beside same-run baselines).
+
+    Called once by ``savevm bench``; every plugin's rows are shown, in
+    plugin order.
+
+    :param size: bytes of RAM (or data) each figure should push through.
+    :param runs: repetitions per figure; report the median.
+    :return: rows of ``{"what", "seconds", "GB/s", "baseline", "baseline GB/s", "ratio"}``, or None.
     """

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import structlog
 
 from savevm import vmstate
 from savevm.errors import (
@@ -34,13 +33,14 @@ from savevm.format import (
     Command,
     SectionType,
 )
+from savevm.logging import get_logger
 
 if TYPE_CHECKING:
     from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
     from savevm.registry import SectionEntry, SectionRegistry
 
-log = structlog.get_logger("savevm.load")
+log = get_logger("savevm.load")
 
 #: Bound on the vmdesc JSON we are willing to read.
 MAX_VMDESC = 64 << 20

@@ -25,6 +25,7 @@ import abc
 import enum
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -34,7 +35,9 @@ from savevm.channels import open_channel
 from savevm.config import MigrationConfig
 from savevm.errors import ChannelError, MigrationCancelled, MigrationError, MigrationFailed
 from savevm.guest import Guest, NullGuest
+from savevm.handlers import SaveContext
 from savevm.load import StreamLoader
+from savevm.logging import get_logger
 from savevm.qemufile import BUFFER_DELAY, QEMUFile
 from savevm.save import StreamWriter
 from savevm.stats import MigrationStats
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     from savevm.plugins import PluginHost
     from savevm.registry import SectionRegistry
 
-log = structlog.get_logger("savevm.migration")
+log = get_logger("savevm.migration")
 
 ACK_OK = b"\x01"
 ACK_FAIL = b"\x00"
@@ -81,7 +84,7 @@ _ALLOWED = {
 }
 
 
-class _StateMachine(abc.ABC):
+class MigrationBase(abc.ABC):
     """State with cmpxchg-style transitions, events and notifier hooks."""
 
     side = "source"
@@ -104,6 +107,8 @@ class _StateMachine(abc.ABC):
         self.guest: Guest = guest or NullGuest()
         self._channel = channel
         self.plugins = plugins or registry.plugins
+        #: tells this migration's log events apart from another's in the same process
+        self.id = uuid.uuid4().hex[:12]
         self._init_side()
         self._state = MigrationState.NONE
         self._state_lock = threading.Lock()
@@ -131,6 +136,15 @@ class _StateMachine(abc.ABC):
         if new in (MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED):
             self._done.set()
         return True
+
+    def _bind_log_context(self) -> None:
+        """Every event logged from this migration's thread carries side, uri and id.
+
+        structlog's contextvars are per thread, and the migration runs in a
+        thread of its own, so two migrations in one process never mix.
+        """
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(side=self.side, uri=self.uri or "channel", migration=self.id)
 
     def is_running(self) -> bool:
         """True while in setup, active, device or cancelling."""
@@ -186,7 +200,7 @@ class _StateMachine(abc.ABC):
         return stats
 
 
-class Migration(_StateMachine):
+class Migration(MigrationBase):
     """The source side of one live migration."""
 
     side = "source"
@@ -251,19 +265,20 @@ class Migration(_StateMachine):
         with self._params_lock:
             self.config = self.config.set_parameter(name, value)
             cfg = self.config
-        if self.registry.plugins is not None:
-            self.registry.plugins.configure(cfg)
+        self._apply_config(cfg)
         f = self._f
         # QEMU applies it whenever the stream exists (setup included); during completion the
         # stream runs unlimited and stays so
         if name == "max-bandwidth" and f is not None and self.state in (MigrationState.SETUP,
                                                                          MigrationState.ACTIVE):
             f.set_rate_limit(cfg.parameters.max_bandwidth)
-        for e in self.registry.live():
-            configure = getattr(e.handlers, "configure", None)
-            if configure is not None:
-                configure(cfg)
-        log.info("migrate_set_parameter", name=name, value=cfg.param(name))
+        log.info("migrate_set_parameter", name=name, value=cfg.param(name), migration=self.id)
+
+    def _apply_config(self, cfg: MigrationConfig) -> None:
+        """The one path a config takes: to the plugins (savevm_configure), then to the sections."""
+        if self.plugins is not None:
+            self.plugins.configure(cfg)
+        self.registry.configure(cfg)
 
     def query(self) -> MigrationStats:
         """Stats now, shaped like query-migrate."""
@@ -277,7 +292,7 @@ class Migration(_StateMachine):
             st.downtime = self.downtime
         elif self.is_running():
             st.expected_downtime = self.expected_downtime
-        sections = self._final_stats if self._final_stats is not None else self._section_stats()
+        sections = self._final_stats if self._final_stats is not None else self.registry.query_stats()
         ram = sections.get("ram")
         if ram is not None:
             ram = dict(ram)
@@ -308,16 +323,9 @@ class Migration(_StateMachine):
             st.extra = {k: v for k, v in info.items() if k not in known}
         return st
 
-    def _section_stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for e in self.registry.live():
-            q = getattr(e.handlers, "query_stats", None)
-            if q is not None:
-                out.update(q())
-        return out
-
     # ------------------------------------------------------------ the thread
     def _thread_main(self) -> None:
+        self._bind_log_context()
         try:
             self._migrate()
         except BaseException as exc:  # every ending is recorded, with its cause
@@ -344,14 +352,9 @@ class Migration(_StateMachine):
         self._check_cancel()
         f = self._f = QEMUFile(self._channel, writable=True, rate_limit=cfg.parameters.max_bandwidth)
         w = self._writer = StreamWriter(f, self.registry, cfg)
-        for e in self.registry.live():
-            if hasattr(e.handlers, "throttle_listener"):
-                e.handlers.throttle_listener = self._on_dirty_period  # type: ignore[union-attr]
-            configure = getattr(e.handlers, "configure", None)
-            if configure is not None:
-                configure(cfg)
+        self._apply_config(cfg)
         w.header()
-        w.setup()
+        w.setup(SaveContext(on_dirty_period=self._on_dirty_period, migration_id=self.id))
         self._check_cancel()
         self.setup_time = int((time.monotonic() - self._t_start) * 1000)
         if not self._set_state(MigrationState.ACTIVE, MigrationState.SETUP):
@@ -406,7 +409,7 @@ class Migration(_StateMachine):
         w.complete_precopy()
         f.flush()
         f.check_error()
-        self._final_stats = self._section_stats()
+        self._final_stats = self.registry.query_stats()
         # from here the destination may already own the state: cancel is too late
         self._wait_ack()
         self.downtime = int((time.monotonic() - t0) * 1000)
@@ -532,9 +535,6 @@ class Migration(_StateMachine):
     def _cleanup(self) -> None:
         if self._writer is not None:
             self._writer.cleanup()
-        for e in self.registry.live():
-            if hasattr(e.handlers, "throttle_listener"):
-                e.handlers.throttle_listener = None  # type: ignore[union-attr]
         if self.throttle_percentage:
             self.throttle_percentage = 0
         try:
@@ -551,7 +551,7 @@ class Migration(_StateMachine):
         self._done.set()
 
 
-class Incoming(_StateMachine):
+class Incoming(MigrationBase):
     """The destination side: accept one stream and load it."""
 
     side = "destination"
@@ -603,18 +603,13 @@ class Incoming(_StateMachine):
             st.total_time = int(((self._t_end or time.monotonic()) - self._t_start) * 1000)
         if self._f is not None:
             st.stream_bytes = self._f.pos
-        ram: dict[str, Any] = {}
-        for e in self.registry.live():
-            c = getattr(e.handlers, "counters", None)
-            if c is not None and hasattr(c, "loaded_pages"):
-                ram = {"loaded-pages": c.loaded_pages, "total": c.total}
-        if ram:
-            st.ram = ram
+        st.ram = self.registry.query_stats().get("ram")
         if self.error is not None:
             st.error_desc = str(self.error)
         return st
 
     def _thread_main(self) -> None:
+        self._bind_log_context()
         try:
             self._load()
         except BaseException as exc:
@@ -673,4 +668,4 @@ class Incoming(_StateMachine):
         self._set_state(MigrationState.FAILED)
 
 
-__all__ = ["Incoming", "Migration", "MigrationState"]
+__all__ = ["Incoming", "Migration", "MigrationBase", "MigrationState"]

@@ -9,20 +9,26 @@ entry-point group.  Plugins can be blocked by config or with the
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import os
 from collections.abc import Iterable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
-import structlog
 
 from savevm import hookspecs
 from savevm.config import MigrationConfig
 from savevm.errors import PluginError, URIError
+from savevm.logging import get_logger
 
-log = structlog.get_logger("savevm.plugins")
+if TYPE_CHECKING:
+    from savevm.channels.base import Transport
+    from savevm.migration import MigrationBase
+    from savevm.registry import SectionRegistry
+
+log = get_logger("savevm.plugins")
 
 ENTRY_POINT_GROUP = "savevm"
 #: Built-in plugins, always registered unless blocked.
@@ -115,6 +121,11 @@ class PluginHost:
         """Add a plugin's own hook specifications."""
         self.pm.add_hookspecs(module)
 
+    def has_hookspecs(self, module: ModuleType | type) -> bool:
+        """Are all of ``module``'s hooks already declared here (e.g. by its plugin's savevm_addhooks)?"""
+        names = [n for n in dir(module) if hasattr(getattr(module, n), "savevm_spec")]
+        return all(getattr(getattr(self.pm.hook, n, None), "spec", None) is not None for n in names)
+
     def has_impl(self, hook_name: str) -> bool:
         """Does any registered plugin implement ``hook_name``?
 
@@ -125,7 +136,7 @@ class PluginHost:
         return caller is not None and bool(caller.get_hookimpls())
 
     def hook(self, hook_name: str) -> pluggy.HookCaller:
-        """The raw hook caller, for plugin-defined hooks (RAM plugin facade)."""
+        """The hook caller of a hook some plugin declared (``savevm_addhooks``), by name."""
         caller = getattr(self.pm.hook, hook_name, None)
         if caller is None:
             raise PluginError(f"no hook named {hook_name!r} (is the plugin that declares it installed?)")
@@ -135,49 +146,63 @@ class PluginHost:
         """Push a (new) config to every plugin."""
         self.config = config
         for name, plugin in self.pm.list_name_plugin():
-            self._configure_one(name, plugin, config)
+            if plugin is not None:
+                self._configure_one(name, plugin, config)
 
-    @staticmethod
-    def _configure_one(name: str, plugin: object, config: MigrationConfig) -> None:
-        impl = getattr(plugin, "savevm_configure", None)
-        if impl is None:
+    def _configure_one(self, name: str, plugin: object, config: MigrationConfig) -> None:
+        """``savevm_configure`` for one plugin, with its own option table.
+
+        Through a pluggy subset caller holding only that plugin, so tracing
+        and hook wrappers see the call like any other.
+        """
+        impls = self.pm.hook.savevm_configure.get_hookimpls()
+        if not any(i.plugin is plugin for i in impls):
             return
-        short = name.rsplit(".", 1)[-1]
-        opts = config.plugins.options.get(name) or config.plugins.options.get(short) or {}
-        if short.startswith("savevm_"):
-            opts = opts or config.plugins.options.get(short[len("savevm_"):], {})
-        impl(config=config, options=dict(opts))
+        others = [i.plugin for i in impls if i.plugin is not plugin]
+        caller = self.pm.subset_hook_caller("savevm_configure", remove_plugins=others)
+        caller(config=config, options=dict(config.plugin_options(name)))
 
     # ----------------------------------------------------------- core hooks
-    def get_transport(self, scheme: str) -> Any:
+    def get_transport(self, scheme: str) -> Transport:
         """The transport for ``scheme``; URIError if no plugin offers it.
 
         ``config.transports`` may route a scheme to another transport (e.g.
         ``tcp`` to ``rdma``), so changing transport needs no code change.
         """
         carrier = self.config.transports.get(scheme, scheme)
-        t = self.pm.hook.savevm_get_transport(scheme=carrier, config=self.config)
+        t: Transport | None = self.pm.hook.savevm_get_transport(scheme=carrier, config=self.config)
         if t is None:
             via = f" (routed to {carrier!r} by the transports config)" if carrier != scheme else ""
             raise URIError(f"{scheme}:", f"no transport for scheme {scheme!r}{via} "
                                          "(built in: tcp, unix, file, exec, fd)")
         return t
 
-    def register_sections(self, registry: Any) -> None:
+    def register_sections(self, registry: SectionRegistry) -> None:
         """Let plugins add their sections to a registry."""
         self.pm.hook.savevm_register_sections(registry=registry, config=self.config)
 
-    def state_changed(self, migration: Any, old: str, new: str) -> None:
+    def state_changed(self, migration: MigrationBase, old: str, new: str) -> None:
         """Notify plugins of a migration state change."""
         if self.has_impl("savevm_migration_state_changed"):
             self.pm.hook.savevm_migration_state_changed(migration=migration, old=old, new=new)
 
-    def query_migrate(self, migration: Any, info: dict[str, Any]) -> None:
+    def query_migrate(self, migration: MigrationBase, info: dict[str, Any]) -> None:
         """Let plugins add to query-migrate stats."""
         if self.has_impl("savevm_query_migrate"):
             self.pm.hook.savevm_query_migrate(migration=migration, info=info)
 
-    def new_registry(self) -> Any:
+    def bench_rows(self, size: int, runs: int) -> list[dict[str, Any]]:
+        """Every plugin's ``savevm bench`` rows, in registration order."""
+        rows: list[dict[str, Any]] = []
+        for part in reversed(self.pm.hook.savevm_bench(size=size, runs=runs)):  # pluggy calls LIFO
+            rows.extend(part or [])
+        return rows
+
+    def cli_commands(self, subparsers: argparse._SubParsersAction) -> None:
+        """Let plugins add ``savevm`` subcommands."""
+        self.pm.hook.savevm_cli_commands(subparsers=subparsers)
+
+    def new_registry(self) -> SectionRegistry:
         """A registry for one migration, with plugin sections registered."""
         from savevm.registry import SectionRegistry
 

@@ -86,7 +86,15 @@ class SectionRegistry:
         self, idstr: str, instance_id: int, version_id: int, handlers: SaveVMHandlers,
         *, compat_idstr: str | None = None,
     ) -> SectionEntry:
-        """Register an iterated section (QEMU's register_savevm_live)."""
+        """Register an iterated section (QEMU's register_savevm_live).
+
+        ``handlers`` must be a :class:`~savevm.handlers.SaveVMHandlers`: the
+        core calls its declared methods directly, so an object that merely
+        looks similar is refused here rather than failing mid-migration.
+        """
+        if not isinstance(handlers, SaveVMHandlers):
+            raise RegistrationError(
+                f"{idstr}: live handlers must subclass savevm.SaveVMHandlers, got {type(handlers).__name__}")
         self._check(idstr, instance_id, version_id)
         return self._add(SectionEntry(idstr, instance_id, version_id, self._next_id,
                                       handlers=handlers, compat_idstr=compat_idstr))
@@ -129,3 +137,18 @@ class SectionRegistry:
     def devices(self) -> list[SectionEntry]:
         """Device sections, in order."""
         return [e for e in self._entries if not e.is_live]
+
+    def configure(self, config: MigrationConfig) -> None:
+        """Give every live section the (new) config; the one way config reaches sections."""
+        self.config = config
+        for e in self._entries:
+            if e.handlers is not None:
+                e.handlers.configure(config)
+
+    def query_stats(self) -> dict[str, Any]:
+        """Every active live section's query-migrate keys, merged."""
+        out: dict[str, Any] = {}
+        for e in self.live():
+            assert e.handlers is not None
+            out.update(e.handlers.query_stats())
+        return out

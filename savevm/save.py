@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from savevm import vmstate
 from savevm.errors import MigrationError
 from savevm.format import (
@@ -21,13 +19,15 @@ from savevm.format import (
     TARGET_PAGE_SIZE,
     SectionType,
 )
+from savevm.handlers import SaveContext
+from savevm.logging import get_logger
 
 if TYPE_CHECKING:
     from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
     from savevm.registry import SectionEntry, SectionRegistry
 
-log = structlog.get_logger("savevm.save")
+log = get_logger("savevm.save")
 
 
 def vmdesc_json(desc: dict[str, Any]) -> bytes:
@@ -75,13 +75,14 @@ class StreamWriter:
             f.put_buffer(name)
         log.debug("savevm_state_header", machine=self.config.machine)
 
-    def setup(self) -> None:
+    def setup(self, ctx: SaveContext | None = None) -> None:
         """START section of every active live section (``qemu_savevm_state_setup``)."""
+        ctx = ctx or SaveContext()
         for e in self.registry.live():
             log.debug("savevm_section_start", id=e.section_id, name=e.idstr)
             self._section_header(SectionType.SECTION_START, e)
             assert e.handlers is not None
-            e.handlers.save_setup(self.f)
+            e.handlers.save_setup(self.f, ctx)
             self._section_footer(e)
             self._check()
         self.f.flush()

@@ -1,4 +1,4 @@
-"""The ``savevm`` command: migrate, incoming, demo, analyze.
+"""The ``savevm`` command: migrate, incoming, analyze, bench, and what plugins add (demo).
 
 Output: a live progress bar on a terminal (plain lines in a pipe), a stats
 table at the end, or with ``--json`` one JSON object shaped like QMP
@@ -12,7 +12,7 @@ import argparse
 import importlib
 import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from savevm.config import MigrationConfig
 from savevm.errors import ConfigError, MigrationError
@@ -55,13 +55,15 @@ def load_program(spec: str, guest_args: list[str]) -> Any:
     return factory(**kwargs)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def common_options(p: argparse.ArgumentParser) -> None:
+    """Options every command takes (plugin commands too)."""
     p.add_argument("--json", action="store_true", help="print the final stats as one JSON object")
     p.add_argument("--log-format", choices=("console", "json"), default="console")
     p.add_argument("--log-level", default="warning", help="debug, info, warning (default), error")
 
 
-def _migration_opts(p: argparse.ArgumentParser) -> None:
+def migration_options(p: argparse.ArgumentParser) -> None:
+    """Options of commands that run a migration: config file, parameters, capabilities."""
     p.add_argument("--config", help="TOML config file (capabilities, parameters, plugins)")
     p.add_argument("--set", action="append", metavar="PARAM=VALUE",
                    help="QEMU migration parameter, e.g. max-bandwidth=1G (repeatable)")
@@ -70,17 +72,34 @@ def _migration_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine", help="machine name in the configuration section (default: savevm)")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The argument parser (public so tests and docs can inspect it)."""
-    ap = argparse.ArgumentParser(prog="savevm", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+#: Commands that come from a plugin, and what to install when one is missing.
+PLUGIN_COMMANDS = {"demo": "savevm-ram (pip install -e plugins/ram)"}
+
+
+def _run(name: str) -> Any:
+    """A lazily imported command function of savevm.cli.commands."""
+
+    def call(args: argparse.Namespace) -> int:
+        from savevm.cli import commands
+
+        rc: int = getattr(commands, name)(args)
+        return rc
+
+    return call
+
+
+def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
+    """The argument parser, with the commands installed plugins add (public so tests and docs can inspect it)."""
+    ap = _Parser(prog="savevm", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("migrate", help="migrate a program's state to URI")
     m.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
     m.add_argument("--guest", required=True, help="MODULE:CALLABLE returning the program")
     m.add_argument("--guest-arg", action="append", default=[], metavar="KEY=VALUE")
-    _migration_opts(m)
-    _common(m)
+    migration_options(m)
+    common_options(m)
+    m.set_defaults(func=_run("cmd_migrate"))
 
     i = sub.add_parser("incoming", help="wait for one migration on URI and load it")
     i.add_argument("uri")
@@ -92,61 +111,52 @@ def make_parser() -> argparse.ArgumentParser:
                         "this side does not model are skipped by their described size")
     i.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the source to connect, and the longest silence once connected")
-    _migration_opts(i)
-    _common(i)
+    migration_options(i)
+    common_options(i)
+    i.set_defaults(func=_run("cmd_incoming"))
 
-    d = sub.add_parser("demo", help="live-migrate a synthetic workload between two local processes")
-    d.add_argument("--size", default="256M", help="total RAM (K/M/G suffixes), default 256M")
-    d.add_argument("--blocks", type=int, default=2, help="number of RAM blocks, default 2")
-    d.add_argument("--fill", choices=("random", "text", "zero"), default="random", help="initial content")
-    d.add_argument("--dirty-rate", default="20M", help="bytes/s of pages the workload rewrites (0 = none)")
-    d.add_argument("--capability", action="append", metavar="NAME", help="xbzrle, compress, auto-converge, ...")
-    d.add_argument("--set", action="append", metavar="PARAM=VALUE", help="QEMU parameter (repeatable)")
-    d.add_argument("--uri", default="tcp:127.0.0.1:0", help="tcp:HOST:PORT or unix:PATH")
-    d.add_argument("--config", help=argparse.SUPPRESS)
-    d.add_argument("--dirty-tracking", choices=("tracked", "compare"), default="tracked",
-                   help="how the source finds dirty pages")
-    d.add_argument("--corrupt-dest-page", type=int, default=None, help=argparse.SUPPRESS)
-    d.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
-    _common(d)
-
-    b = sub.add_parser("bench", help="measure the hot paths on this machine (in-process, with baselines)")
+    b = sub.add_parser("bench", help="measure the hot paths on this machine (rows from every installed plugin)")
     b.add_argument("--size", default="256M", help="bytes of RAM to push through (default 256M)")
     b.add_argument("--runs", type=int, default=3, help="runs per figure; medians are reported")
-    _common(b)
+    common_options(b)
+    b.set_defaults(func=_run("cmd_bench"))
 
     a = sub.add_parser("analyze", help="describe a migration stream file (ours or QEMU's)")
     a.add_argument("file")
     a.add_argument("--machine", help="expected machine name (default: the stream's own)")
-    _common(a)
+    common_options(a)
+    a.set_defaults(func=_run("cmd_analyze"))
+
+    if plugins is None:
+        from savevm.plugins import PluginHost
+
+        plugins = PluginHost()
+    plugins.cli_commands(sub)
     return ap
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a hint when a command comes from a plugin that is not installed."""
+
+    def error(self, message: str) -> NoReturn:
+        for name, dist in PLUGIN_COMMANDS.items():
+            if "invalid choice" in message and f"'{name}'" in message:
+                message += f"\n'savevm {name}' comes from a plugin that is not installed: install {dist}"
+        super().error(message)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``savevm`` console script."""
-    args = make_parser().parse_args(argv)
+    try:
+        parser = make_parser()
+    except MigrationError as exc:  # a broken plugin: say which, not a traceback
+        print(f"savevm: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     configure_logging(args.log_format, args.log_level)
     try:
-        if args.command == "migrate":
-            from savevm.cli.commands import cmd_migrate
-
-            return cmd_migrate(args)
-        if args.command == "incoming":
-            from savevm.cli.commands import cmd_incoming
-
-            return cmd_incoming(args)
-        if args.command == "demo":
-            from savevm.cli.commands import cmd_demo
-
-            return cmd_demo(args)
-        if args.command == "bench":
-            from savevm.cli.commands import cmd_bench
-
-            return cmd_bench(args)
-        if args.command == "analyze":
-            from savevm.cli.commands import cmd_analyze
-
-            return cmd_analyze(args)
+        rc: int = args.func(args)
+        return rc
     except MigrationError as exc:
         if getattr(args, "json", False):
             print(json.dumps({"status": "failed", "error-desc": str(exc)}))
@@ -155,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("savevm: interrupted", file=sys.stderr)
         return 130
-    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

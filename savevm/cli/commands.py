@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from typing import Any
 
 from savevm.cli import build_config, load_program
@@ -95,92 +92,16 @@ def _read_vmdesc_arg(path: str) -> dict[str, Any]:
     return desc
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``savevm demo``: a destination process, this process as the source, and a check."""
-    from savevm.cli.demo import DemoProgram
-
-    cfg = build_config(args)
-    scheme = args.uri.partition(":")[0]
-    if scheme not in ("tcp", "unix"):
-        raise ConfigError("--uri", "the demo runs both ends at once: use tcp:HOST:PORT or unix:PATH")
-    dest_cmd = [sys.executable, "-m", "savevm.cli", "incoming", args.uri, "--print-uri", "--json",
-                "--guest", "savevm.cli.demo:DemoProgram", "--guest-arg", f"size={args.size}",
-                "--guest-arg", f"blocks={args.blocks}", "--guest-arg", "role=destination",
-                "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "120"]
-    if args.corrupt_dest_page is not None:
-        dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
-    t_fill = time.monotonic()
-    prog = DemoProgram(size=args.size, blocks=args.blocks, fill=args.fill, dirty_rate=args.dirty_rate,
-                       role="source", dirty=args.dirty_tracking)
-    fill_s = time.monotonic() - t_fill
-    dest = subprocess.Popen(dest_cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-    try:
-        assert dest.stdout is not None
-        uri = dest.stdout.readline().strip()
-        if not uri:
-            dest.wait(30)
-            raise MigrationError(f"the destination process exited ({dest.returncode}) before listening")
-        reg = _registry(cfg)
-        prog.register(reg)
-        prog.start()
-        if not args.json:
-            print(f"savevm demo: {human(prog.ram.total_bytes)} in {len(prog.ram)} blocks ({args.fill}, "
-                  f"filled in {fill_s:.1f}s), dirtying {args.dirty_rate}/s, "
-                  f"destination pid {dest.pid} on {uri}", file=sys.stderr)
-        time.sleep(0.2)  # let the workload run a little before migrating
-        mig = Migration(reg, uri, guest=prog, config=cfg)
-        mig.start()
-        deadline = time.monotonic() + args.timeout
-
-        def done() -> bool:
-            if time.monotonic() > deadline and mig.is_running():
-                mig.cancel()
-            return mig.finished()
-
-        watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
-        st = mig.wait()
-        source_sums = prog.checksums() if st.status == "completed" else {}
-        prog.stop()
-        out_text, _ = dest.communicate(timeout=120)
-    finally:
-        if dest.poll() is None:
-            dest.kill()
-            dest.wait()
-    dest_report: dict[str, Any] = {}
-    for line in out_text.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                dest_report = json.loads(line)
-            except ValueError:
-                pass
-    dest_sums = (dest_report.get("guest") or {}).get("checksums", {})
-    verified = st.status == "completed" and bool(source_sums) and source_sums == dest_sums
-    mismatched = sorted(k for k in source_sums if source_sums.get(k) != dest_sums.get(k))
-    out = st.as_qmp()
-    out["verified"] = verified
-    out["destination-status"] = dest_report.get("status", "unknown")
-    if mismatched:
-        out["mismatched"] = mismatched
-    if args.json:
-        print(json.dumps(out))
-    else:
-        extra = {"destination": out["destination-status"],
-                 "verified": "yes (checksums of every block and the device match)" if verified
-                 else f"NO - mismatched: {', '.join(mismatched) or 'no checksums'}"}
-        print_table(st, "savevm demo", extra)
-    return 0 if verified else 1
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``savevm bench``: in-process hot-path figures with same-run baselines."""
-    from savevm.cli.bench import run_bench
+    """``savevm bench``: in-process hot-path figures from every installed plugin, with same-run baselines."""
     from savevm.config import parse_size
 
     size = parse_size(args.size, "--size") // 4096 * 4096
     if size <= 0 or args.runs < 1:
         raise ConfigError("--size", "need at least one page and one run")
-    rows = run_bench(size, args.runs)
+    rows = PluginHost().bench_rows(size, args.runs)
+    if not rows:
+        raise MigrationError("no installed plugin offers benchmarks (install savevm-ram: pip install -e plugins/ram)")
     if args.json:
         print(json.dumps({"size": size, "runs": args.runs, "rows": rows}))
         return 0
@@ -213,4 +134,4 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0 if report["status"] == "ok" else 1
 
 
-__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_demo", "cmd_incoming", "cmd_migrate"]
+__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_incoming", "cmd_migrate"]

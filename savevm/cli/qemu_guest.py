@@ -19,7 +19,6 @@ class QemuGuest:
 
     def __init__(self, dump_dir: str | None = None, max_ram: str = "64G") -> None:
         import savevm_ram
-
         from savevm.config import parse_size
 
         self.ram = savevm_ram.RAMList(auto_create=True, max_auto_bytes=parse_size(max_ram, "max_ram"))

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import savevm_ram
 
 import savevm
+import savevm_ram
 from savevm.cli import main
-from savevm.cli.demo import DemoDevice
+from savevm_ram.demo import DemoDevice
 
 
 def _snapshot(path: Path) -> np.ndarray:
@@ -54,7 +54,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_bad_inputs_give_clear_errors() -> None:
-    r = _run("migrate", "bogus:x", "--guest", "savevm.cli.demo:DemoProgram", "--guest-arg", "size=1M")
+    r = _run("migrate", "bogus:x", "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", "size=1M")
     assert r.returncode == 2 and "no transport for scheme 'bogus'" in r.stderr
     r = _run("demo", "--size", "1M", "--set", "max-bandwith=1G")
     assert r.returncode == 2 and "max-bandwith" in r.stderr and "did you mean max-bandwidth" in r.stderr

@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from savevm import vmstate
-from savevm.handlers import SaveVMHandlers
+from savevm.handlers import SaveContext, SaveVMHandlers
 from savevm.qemufile import QEMUFile
 
 # ---------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class ChunkedLive(SaveVMHandlers):
     def is_active(self) -> bool:
         return self.active
 
-    def save_setup(self, f: QEMUFile) -> None:
+    def save_setup(self, f: QEMUFile, ctx: SaveContext) -> None:
         self.calls.append("save_setup")
         f.put_be32(len(self.data))
 

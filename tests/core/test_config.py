@@ -154,7 +154,7 @@ def test_xbzrle_cache_size_not_power_of_two(value: int, near: tuple[int, int]) -
     with pytest.raises(ConfigError) as ei:
         MigrationConfig().set_parameter("xbzrle-cache-size", value)
     assert ei.value.key == "xbzrle-cache-size"
-    assert f"{near[0]} and {near[1]}" in str(ei.value)
+    assert f"nearest valid sizes: {near[0]}, {near[1]}" in str(ei.value)
 
 
 def test_xbzrle_cache_size_below_a_page() -> None:

@@ -341,6 +341,51 @@ def test_hook_savevm_addhooks() -> None:
         PluginHost(load_entrypoints=False, extra=[UsesExtraHook()])
 
 
+class AddsCommand:
+    """A plugin adding a ``savevm hello`` subcommand."""
+
+    @hookimpl
+    def savevm_cli_commands(self, subparsers: Any) -> None:
+        p = subparsers.add_parser("hello", help="say hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: 7 if args.name == "savevm" else 0)
+
+
+def test_hook_savevm_cli_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from savevm.cli import main, make_parser
+
+    host = PluginHost(load_entrypoints=False, extra=[AddsCommand()])
+    parser = make_parser(host)
+    args = parser.parse_args(["hello", "--name", "savevm"])
+    assert args.func(args) == 7
+    # the installed RAM plugin contributes `demo` through the same hook
+    assert "demo" in make_parser().format_help()
+    # without it, `savevm demo` names what to install instead of a bare "invalid choice"
+    with pytest.raises(SystemExit) as ei:
+        make_parser(PluginHost(load_entrypoints=False)).parse_args(["demo"])
+    assert ei.value.code == 2
+    assert "install savevm-ram" in capsys.readouterr().err
+    assert main(["bench", "--size", "0"]) == 2  # a core command still works (and refuses a 0 size clearly)
+
+
+class BenchRows:
+    @hookimpl
+    def savevm_bench(self, size: int, runs: int) -> list[dict[str, Any]]:
+        return [{"what": f"fake {size}x{runs}", "seconds": 1.0, "GB/s": size / 1e9, "baseline": "none",
+                 "baseline GB/s": 1.0, "ratio": 1.0}]
+
+
+def test_hook_savevm_bench() -> None:
+    host = PluginHost(load_entrypoints=False, extra=[BenchRows()])
+    assert [r["what"] for r in host.bench_rows(4096, 2)] == ["fake 4096x2"]
+    # the installed plugins contribute RAM and XBZRLE rows, in registration order
+    rows = PluginHost().bench_rows(1 << 20, 1)
+    whats = [r["what"] for r in rows]
+    assert any(w.startswith("RAM bulk stage") for w in whats)
+    assert any(w.startswith("XBZRLE encode") for w in whats)
+    assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in rows)
+
+
 # ---------------------------------------------------------------- meta
 
 

@@ -11,16 +11,16 @@ numpy error - and must not touch memory outside the destination's blocks.
 from __future__ import annotations
 
 import numpy as np
-import savevm_ram
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import savevm
+import savevm_ram
 from savevm.channels import MemoryChannel
-from savevm.cli.demo import DemoDevice
 from savevm.load import StreamLoader
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
+from savevm_ram.demo import DemoDevice
 
 PAGES = 24
 

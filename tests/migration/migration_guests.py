@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from savevm.cli.demo import DemoProgram
+from savevm_ram.demo import DemoProgram
 
 
 class RecordingDemo(DemoProgram):

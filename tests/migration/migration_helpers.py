@@ -207,7 +207,7 @@ class Session:
         self.children: list[ChildProcess] = []
         self.sources: list[Source] = []
 
-    def destination(self, uri: str = "tcp:127.0.0.1:0", *, guest: str = "savevm.cli.demo:DemoProgram",
+    def destination(self, uri: str = "tcp:127.0.0.1:0", *, guest: str = "savevm_ram.demo:DemoProgram",
                     size: str = "32M", extra: list[str] | None = None, wait: bool = True) -> Destination:
         """Start ``savevm incoming`` and (by default) wait until it listens."""
         argv = [sys.executable, "-m", "savevm.cli", "incoming", uri, "--print-uri", "--json",

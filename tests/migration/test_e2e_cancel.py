@@ -57,10 +57,10 @@ def test_cancel_in_setup(session: Session) -> None:
     entered, gate = threading.Event(), threading.Event()
     real_setup = handlers.save_setup
 
-    def held_setup(f: Any) -> None:
+    def held_setup(f: Any, ctx: Any) -> None:
         entered.set()
         gate.wait(30)
-        real_setup(f)
+        real_setup(f, ctx)
 
     handlers.save_setup = held_setup
     mig = src.migrate(dest.uri)

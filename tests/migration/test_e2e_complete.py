@@ -103,7 +103,7 @@ def test_unix_socket_file_is_removed_after_the_migration(session: Session) -> No
 def test_migrate_and_incoming_commands_by_hand(session: Session) -> None:
     """Both ends as ``savevm`` commands, the way demo.py documents it."""
     dest = session.destination(session.unix_uri(), size="16M")
-    src = session.savevm("migrate", dest.uri, "--guest", "savevm.cli.demo:DemoProgram",
+    src = session.savevm("migrate", dest.uri, "--guest", "savevm_ram.demo:DemoProgram",
                          "--guest-arg", "size=16M", "--guest-arg", "dirty-rate=8M",
                          "--set", "max-bandwidth=64M", "--json", name="source")
     src_rc, src_report = src.finish(MIGRATION_TIMEOUT)

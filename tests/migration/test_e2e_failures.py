@@ -61,7 +61,7 @@ def test_destination_killed_mid_stream(session: Session, transport: str) -> None
 
 # --------------------------------------------------------------------------- source killed
 def _start_cli_source(session: Session, uri: str) -> ChildProcess:
-    return session.savevm("migrate", uri, "--guest", "savevm.cli.demo:DemoProgram", "--guest-arg", "size=32M",
+    return session.savevm("migrate", uri, "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", "size=32M",
                           "--set", "max-bandwidth=4M", "--json", "--log-format", "json", "--log-level", "info",
                           name="source")
 
@@ -198,8 +198,8 @@ def test_incoming_cancel_while_loading() -> None:
     import threading
 
     import savevm
-    from savevm.cli.demo import DemoProgram
     from savevm.migration import Incoming, Migration
+    from savevm_ram.demo import DemoProgram
 
     dprog = DemoProgram(size="16M", role="destination")
     dreg = savevm.PluginHost().new_registry()

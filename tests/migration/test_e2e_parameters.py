@@ -62,10 +62,10 @@ def test_max_bandwidth_set_during_setup_is_not_lost(session: Session) -> None:
     entered, gate = threading.Event(), threading.Event()
     real_setup = handlers.save_setup
 
-    def held_setup(f: Any) -> None:
+    def held_setup(f: Any, ctx: Any) -> None:
         entered.set()
         gate.wait(30)
-        real_setup(f)
+        real_setup(f, ctx)
 
     handlers.save_setup = held_setup
     mig = src.migrate(dest.uri)

@@ -29,10 +29,10 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
-import savevm_ram  # noqa: E402
 import streamdump as sd  # noqa: E402
 
 import savevm  # noqa: E402
+import savevm_ram  # noqa: E402
 from savevm import vmstate  # noqa: E402
 from savevm.channels import FdChannel  # noqa: E402
 from savevm.load import read_vmdesc  # noqa: E402

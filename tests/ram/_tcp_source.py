@@ -17,13 +17,13 @@ import threading
 import time
 
 import numpy as np
-from savevm_ram import RAMBlock, RAMList, register_ram
 
 import savevm
 from savevm.channels import open_channel
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
+from savevm_ram import RAMBlock, RAMList, register_ram
 
 PAGE = 4096
 

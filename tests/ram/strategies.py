@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
-from savevm_ram import RAMBlock, RAMList, register_ram
 
 import savevm
 from savevm.channels.memory import MemoryChannel
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
+from savevm_ram import RAMBlock, RAMList, register_ram
 
 PAGE = 4096
 

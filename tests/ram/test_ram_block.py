@@ -7,10 +7,10 @@ import array
 import numpy as np
 import pytest
 import ram_strategies as rs
-from savevm_ram import RAMBlock, RAMList
-from savevm_ram.dirty import DirtyBitmap
 
 import savevm
+from savevm_ram import RAMBlock, RAMList
+from savevm_ram.dirty import DirtyBitmap
 
 P = rs.PAGE
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ram_strategies as rs
-import savevm_ram
-from savevm_ram.compress import COMPRESS_BOUND
 from zlib_ng import zlib_ng
 
 import savevm
+import savevm_ram
 from savevm.channels import MemoryChannel
 from savevm.load import StreamLoader
 from savevm.qemufile import QEMUFile
 from savevm.save import save_stream
+from savevm_ram.compress import COMPRESS_BOUND
 
 
 def _src() -> np.ndarray:

@@ -6,15 +6,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-import savevm_ram
-from savevm_ram import PageCodec
-from savevm_ram.wire import Flag
 
 import savevm
+import savevm_ram
 from savevm.channels import MemoryChannel
 from savevm.load import StreamLoader
 from savevm.qemufile import QEMUFile
 from savevm.save import save_stream
+from savevm_ram import PageCodec
+from savevm_ram.wire import Flag
 
 
 class FillCodec(PageCodec):

@@ -9,6 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import ram_strategies as rs
+
+import savevm
+from savevm.channels.memory import MemoryChannel
+from savevm.plugins import PluginHost
+from savevm.qemufile import QEMUFile
+from savevm.save import StreamWriter
 from savevm_ram import SKIP, PageCodec, RAMBlock, RAMList, hookspecs, register_ram
 from savevm_ram.wire import (
     RAM_CONTROL_BLOCK_REG,
@@ -17,12 +23,6 @@ from savevm_ram.wire import (
     RAM_CONTROL_ROUND,
     RAM_CONTROL_SETUP,
 )
-
-import savevm
-from savevm.channels.memory import MemoryChannel
-from savevm.plugins import PluginHost
-from savevm.qemufile import QEMUFile
-from savevm.save import StreamWriter
 
 P = rs.PAGE
 hookimpl = savevm.hookimpl

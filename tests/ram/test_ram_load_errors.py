@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import ram_strategies as rs
-from savevm_ram import RAMBlock, RAMList
 
 import savevm
+from savevm_ram import RAMBlock, RAMList
 
 P = rs.PAGE
 BLOCKS = [("a", 3 * P), ("b", 2 * P)]

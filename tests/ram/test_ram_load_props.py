@@ -7,11 +7,11 @@ import numpy as np
 import ram_strategies as rs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from savevm_ram import RAMBlock, RAMList
 
 from savevm.channels.memory import MemoryChannel
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
+from savevm_ram import RAMBlock, RAMList
 
 P = rs.PAGE
 NAMES = ["a", "b", "c"]
@@ -121,7 +121,7 @@ def test_random_schedule_migrates_exactly(steps: list[tuple[str, int, int, int]]
     f.set_rate_limit(0)
     w.complete_precopy()
     w.cleanup()
-    assert h.bitmap.dirty_pages == 0
+    assert h.saver.bitmap.dirty_pages == 0
     dst = RAMList([RAMBlock(f"blk{i}", bytearray(b"\xee" * (n * P))) for i, n in enumerate(sizes)])
     rs.load_bytes(ch.getvalue(), dst)
     for b in src:

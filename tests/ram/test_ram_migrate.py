@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import ram_strategies as rs
-from savevm_ram import RAMBlock, RAMList
 
 import savevm
 from savevm.channels import listen, memory_pipe
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
+from savevm_ram import RAMBlock, RAMList
 
 P = rs.PAGE
 KINDS = ["bytearray", "numpy", "numpy_u32_2d", "mmap", "shm"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import ram_strategies as rs
-import savevm_ram.save as ram_save
-from savevm_ram import RAMBlock, RAMList
 
+import savevm_ram.save as ram_save
+import savevm_ram.search as ram_search
 from savevm.channels.memory import MemoryChannel
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
+from savevm_ram import RAMBlock, RAMList
 
 P = rs.PAGE
 
@@ -75,13 +76,13 @@ def test_bulk_stage_ends_only_after_complete_round() -> None:
     ram = dense_ram({"a": 3, "b": 2})
     w, h, ch, f = start(ram)
     assert h.bulk_stage is True
-    assert h.find_dirty_run() == (0, 0, 3)
-    h.bitmap.clear(ram[0], 0, 3)
+    assert h.saver.search.find_dirty_run() == (0, 0, 3)
+    h.saver.bitmap.clear(ram[0], 0, 3)
     assert h.bulk_stage is True
-    assert h.find_dirty_run() == (1, 0, 2)
-    h.bitmap.clear(ram[1], 0, 2)
+    assert h.saver.search.find_dirty_run() == (1, 0, 2)
+    h.saver.bitmap.clear(ram[1], 0, 2)
     assert h.bulk_stage is True
-    assert h.find_dirty_run() is None
+    assert h.saver.search.find_dirty_run() is None
     assert h.bulk_stage is False
     finish(w, f)
 
@@ -91,9 +92,9 @@ def test_find_dirty_run_none_when_clean() -> None:
     w, h, ch, f = start(ram)
     assert w.iterate() is True
     for _ in range(3):
-        assert h.find_dirty_run() is None
-    h.last_seen_block, h.last_page = 1, 1  # from anywhere
-    assert h.find_dirty_run() is None
+        assert h.saver.search.find_dirty_run() is None
+    h.saver.search.last_seen_block, h.saver.search.last_page = 1, 1  # from anywhere
+    assert h.saver.search.find_dirty_run() is None
     finish(w, f)
 
 
@@ -105,12 +106,12 @@ def test_pages_behind_search_position_found_after_wrap() -> None:
     a.mark_dirty(2 * P, P)
     b.mark_dirty(1 * P, 2 * P)  # b@1..2: behind the position b@3 in the same block
     b.mark_dirty(5 * P, 1)      # b@5: ahead
-    h.sync()
-    h.last_seen_block, h.last_page = 1, 3
+    h.saver.sync()
+    h.saver.search.last_seen_block, h.saver.search.last_page = 1, 3
     found = []
-    while (run := h.find_dirty_run()) is not None:
+    while (run := h.saver.search.find_dirty_run()) is not None:
         found.append(run)
-        h.bitmap.clear(ram[run[0]], run[1], run[2])
+        h.saver.bitmap.clear(ram[run[0]], run[1], run[2])
         assert len(found) < 10
     assert found == [(1, 5, 1), (0, 2, 1), (1, 1, 2)]
     finish(w, f)
@@ -120,13 +121,13 @@ def test_runs_split_at_clean_pages_and_max_run() -> None:
     ram = dense_ram({"a": 300})
     a = ram.find("a")
     w, h, ch, f = start(ram)
-    assert h.find_dirty_run(256) == (0, 0, 256)
-    h.bitmap.clear(a, 0, 256)
-    h.bitmap.clear(a, 260, 1)
-    assert h.find_dirty_run(256) == (0, 256, 4)
-    h.bitmap.clear(a, 256, 4)
-    assert h.find_dirty_run(256) == (0, 261, 39)
-    assert ram_save.MAX_RUN_PAGES >= 256
+    assert h.saver.search.find_dirty_run(256) == (0, 0, 256)
+    h.saver.bitmap.clear(a, 0, 256)
+    h.saver.bitmap.clear(a, 260, 1)
+    assert h.saver.search.find_dirty_run(256) == (0, 256, 4)
+    h.saver.bitmap.clear(a, 256, 4)
+    assert h.saver.search.find_dirty_run(256) == (0, 261, 39)
+    assert ram_search.MAX_BATCH_PAGES >= 256
     finish(w, f)
 
 

@@ -8,12 +8,12 @@ import struct
 import numpy as np
 import pytest
 import ram_strategies as rs
-from savevm_ram import RAMBlock, RAMList
-from savevm_ram.wire import Flag
 
 from savevm.channels.memory import MemoryChannel
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
+from savevm_ram import RAMBlock, RAMList
+from savevm_ram.wire import Flag
 
 P = rs.PAGE
 PAT_A0 = bytes(range(256)) * 16
@@ -207,13 +207,13 @@ def test_hot_added_block_is_migrated_and_counted_once(when: str) -> None:
     ram.add(z)
     if when == "before_iterate":
         w.pending(1 << 40)  # sync sees the new block: 2 pages dirty, not 4
-        assert h.bitmap.dirty_pages == 2
+        assert h.saver.bitmap.dirty_pages == 2
         _drain(w)
-        assert h.bitmap.dirty_pages == 0
+        assert h.saver.bitmap.dirty_pages == 0
         assert w.pending(1 << 40) == 0
     w.complete_precopy()
     w.cleanup()
-    assert h.bitmap.dirty_pages == 0
+    assert h.saver.bitmap.dirty_pages == 0
     dst = RAMList([RAMBlock("a", bytearray(3 * P)), RAMBlock("b", bytearray(2 * P)),
                    RAMBlock("z", bytearray(2 * P))])
     rs.load_bytes(ch.getvalue(), dst)
@@ -228,10 +228,10 @@ def test_removed_block_dirty_pages_are_forgotten() -> None:
     w = StreamWriter(f, reg)
     w.header()
     w.setup()
-    assert h.bitmap.dirty_pages == 5
+    assert h.saver.bitmap.dirty_pages == 5
     ram.remove("b")
     _drain(w)
-    assert h.bitmap.dirty_pages == 0
+    assert h.saver.bitmap.dirty_pages == 0
     assert w.pending(1 << 40) == 0
     w.complete_precopy()
     w.cleanup()

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import savevm_ram
-from savevm_rdma_stub import RdmaChannel, RdmaTransport
 
 import savevm
+import savevm_ram
 from savevm.channels import MemoryChannel
 from savevm.migration import Incoming, Migration
 from savevm.qemufile import QEMUFile
+from savevm_rdma_stub import RdmaChannel, RdmaTransport
 
 N = 8 << 20
 

@@ -7,6 +7,8 @@ import pytest
 import xbzrle_strategies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from savevm.errors import ConfigError
 from savevm_xbzrle.cache import (
     KIND_MISS,
     KIND_OVERFLOW,
@@ -18,8 +20,6 @@ from savevm_xbzrle.cache import (
 )
 from savevm_xbzrle.codec import encode
 from savevm_xbzrle.stats import XbzrleStats
-
-from savevm.errors import ConfigError
 
 S = xbzrle_strategies
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,6 +7,8 @@ import pytest
 import xbzrle_strategies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from savevm.errors import CorruptStreamError
 from savevm_xbzrle.codec import (
     PAGE_SIZE,
     decode,
@@ -15,8 +17,6 @@ from savevm_xbzrle.codec import (
     encode_batch,
     uleb128_encode_small,
 )
-
-from savevm.errors import CorruptStreamError
 
 S = xbzrle_strategies
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -6,9 +6,9 @@ import threading
 
 import numpy as np
 import pytest
-import savevm_ram
 
 import savevm
+import savevm_ram
 from savevm.channels import memory_pipe
 from savevm.load import StreamLoader
 from savevm.qemufile import QEMUFile

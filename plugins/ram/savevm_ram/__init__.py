@@ -2,6 +2,14 @@
 
     ram = savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", bytearray(64 << 20))])
     handlers = savevm_ram.register_ram(registry, ram)
+
+Modules, one responsibility each: ``block`` (RAMBlock, RAMList), ``dirty``
+(dirty logging and the migration bitmap), ``search`` (the page search),
+``pipeline`` (a batch of pages to records), ``save`` / ``load`` (the two
+sides), ``control`` (the hook facade and codec collection), ``handlers``
+(the section the core sees), ``state`` (the contract plugins see),
+``codecs`` / ``compress`` (page encoders), ``wire`` (the vocabulary),
+``hookspecs`` (the hooks offered to other plugins).
 """
 
 from __future__ import annotations
@@ -9,11 +17,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from savevm_ram.block import RAMBlock, RAMList
-from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec, PageResult
 from savevm_ram.dirty import DirtyBitmap
-from savevm_ram.save import RAMHandlers
+from savevm_ram.handlers import RAMHandlers
+from savevm_ram.state import RAMState
 from savevm_ram.stats import RAMCounters
-from savevm_ram.wire import RAM_IDSTR, RAM_SECTION_VERSION, Flag
+from savevm_ram.wire import RAM_IDSTR, RAM_SECTION_VERSION, Flag, RAMControl
 
 if TYPE_CHECKING:
     from savevm.registry import SectionRegistry
@@ -31,7 +40,7 @@ def register_ram(registry: SectionRegistry, ram: RAMList, *, instance_id: int = 
     plugins = registry.plugins
     if plugins is None:
         plugins = registry.plugins = PluginHost(registry.config)
-    if not hasattr(plugins.pm.hook, "ram_control_save_page"):
+    if not plugins.has_hookspecs(hookspecs):
         plugins.add_hookspecs(hookspecs)
     handlers = RAMHandlers(ram, config=registry.config, plugins=plugins)
     registry.register_live(RAM_IDSTR, instance_id, RAM_SECTION_VERSION, handlers)
@@ -39,6 +48,6 @@ def register_ram(registry: SectionRegistry, ram: RAMList, *, instance_id: int = 
 
 
 __all__ = [
-    "SKIP", "DirtyBitmap", "Flag", "NormalFrom", "PageCodec", "RAMBlock", "RAMCounters", "RAMHandlers",
-    "RAMList", "RAM_IDSTR", "RAM_SECTION_VERSION", "register_ram",
+    "SKIP", "DirtyBitmap", "Flag", "NormalFrom", "PageCodec", "PageResult", "RAMBlock", "RAMControl",
+    "RAMCounters", "RAMHandlers", "RAMList", "RAMState", "RAM_IDSTR", "RAM_SECTION_VERSION", "register_ram",
 ]

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import numpy as np
-import structlog
 
 from savevm.errors import MigrationError, RegistrationError
+from savevm.logging import get_logger
 from savevm_ram.wire import PAGE_SIZE
 
-log = structlog.get_logger("savevm.ram")
+log = get_logger("savevm.ram")
 
 DirtyProvider = Literal["tracked", "compare"]
 

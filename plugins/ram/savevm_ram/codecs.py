@@ -1,12 +1,15 @@
 """PageCodec: how encoder plugins plug into the page pipeline.
 
-The RAM plugin hands a codec *batches* of non-zero dirty pages (a run of
-up to 256 pages of one block) and gets one result per page:
+The RAM plugin hands a codec *batches* of non-zero dirty pages (up to
+``MAX_BATCH_PAGES`` = 1024 pages of one block, not necessarily contiguous)
+and gets one result per page:
 
 * ``None`` — not mine: the next codec, or a normal page;
 * :data:`SKIP` — send nothing (XBZRLE: page unchanged since it was cached);
 * ``bytes`` — the encoded body, sent after a page header carrying the
-  codec's ``wire_flag``;
+  codec's ``wire_flag``.  The body must carry its own length (XBZRLE: a
+  be16, compression: a be32): the destination's :meth:`PageCodec.load_page`
+  reads it back from the stream with nothing else to tell where it ends;
 * :class:`NormalFrom` — send a normal page, but from this buffer (XBZRLE
   sends the cached copy, so sender and cache agree byte for byte).
 
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
     from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
     from savevm_ram.block import RAMBlock
+    from savevm_ram.state import RAMState
 
 
 class _Skip:
@@ -40,7 +44,11 @@ SKIP: Final = _Skip()
 class NormalFrom:
     """Send a normal page whose bytes are ``data`` (a 4096-byte buffer)."""
 
-    data: Any
+    data: bytes | bytearray | memoryview
+
+
+#: What a codec answers for one page (see the module docstring).
+PageResult = bytes | bytearray | _Skip | NormalFrom | None
 
 
 class PageCodec:
@@ -61,42 +69,42 @@ class PageCodec:
         """Should the source use this codec at all (usually: a capability)?"""
         return False
 
-    def save_setup(self, rs: Any) -> None:
+    def save_setup(self, rs: RAMState) -> None:
         """Migration start (source)."""
 
-    def configure(self, rs: Any, config: MigrationConfig) -> None:
+    def configure(self, rs: RAMState, config: MigrationConfig) -> None:
         """Parameters changed while running (e.g. ``xbzrle-cache-size``): apply at the next iteration."""
 
-    def iteration_start(self, rs: Any) -> None:
+    def iteration_start(self, rs: RAMState) -> None:
         """A new iteration (PART chunk) begins; apply parameter changes here."""
 
-    def active(self, rs: Any) -> bool:
+    def active(self, rs: RAMState) -> bool:
         """Use the codec for the current pass?  (XBZRLE: only after the bulk stage.)"""
         return True
 
-    def encode_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
-                     last_stage: bool) -> list[Any]:
+    def encode_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> list[PageResult]:
         """Encode a batch: ``pages`` are page numbers in ``block``, ``data`` their (n, 4096) contents."""
         return [None] * len(pages)
 
-    def zero_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
+    def zero_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
         """These pages were just sent as zero pages."""
 
-    def save_cleanup(self, rs: Any) -> None:
+    def save_cleanup(self, rs: RAMState) -> None:
         """Migration end (source)."""
 
     def query_stats(self) -> dict[str, Any]:
         """Extra query-migrate keys (e.g. ``xbzrle-cache``)."""
         return {}
 
-    def on_sync(self, rs: Any) -> None:
+    def on_sync(self, rs: RAMState) -> None:
         """A dirty bitmap sync happened (sync count changed)."""
 
-    def on_period(self, rs: Any, pages_sent_delta: int) -> None:
+    def on_period(self, rs: RAMState, pages_sent_delta: int) -> None:
         """A >= 1 s statistics period ended (update per-period rates)."""
 
     # ------------------------------------------------------------ destination
-    def load_setup(self, rs: Any) -> None:
+    def load_setup(self, rs: RAMState) -> None:
         """Destination start."""
 
     def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
     from savevm_ram.block import RAMBlock
+    from savevm_ram.codecs import PageResult
+    from savevm_ram.state import RAMState
 
 #: compressBound(4096) for zlib
 COMPRESS_BOUND = 4110
@@ -64,7 +66,7 @@ class CompressCodec(PageCodec):
     def enabled(self, config: MigrationConfig) -> bool:
         return config.has("compress")
 
-    def save_setup(self, rs: Any) -> None:
+    def save_setup(self, rs: RAMState) -> None:
         p = rs.config.parameters
         self.level = p.compress_level
         self.threads = p.compress_threads
@@ -72,12 +74,12 @@ class CompressCodec(PageCodec):
         if self.threads > 1:
             self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="savevm-compress")
 
-    def active(self, rs: Any) -> bool:
+    def active(self, rs: RAMState) -> bool:
         # once XBZRLE is enabled (after the first round) compression stops
         return not (rs.config.has("xbzrle") and not rs.bulk_stage)
 
-    def encode_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
-                     last_stage: bool) -> list[Any]:
+    def encode_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> list[PageResult]:
         n = len(pages)
         level = self.level
 
@@ -94,7 +96,7 @@ class CompressCodec(PageCodec):
         self.compressed_size += sum(len(b) - 4 for b in done)
         return list(out)
 
-    def save_cleanup(self, rs: Any) -> None:
+    def save_cleanup(self, rs: RAMState) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

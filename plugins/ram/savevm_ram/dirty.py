@@ -22,12 +22,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import structlog
 
+from savevm.logging import get_logger
 from savevm_ram.block import RAMBlock, RAMList
 from savevm_ram.wire import PAGE_SIZE
 
-log = structlog.get_logger("savevm.ram")
+log = get_logger("savevm.ram")
 
 #: Pages compared per numpy call by the compare provider (16 MiB).
 COMPARE_CHUNK_PAGES = 4096

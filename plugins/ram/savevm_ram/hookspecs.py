@@ -1,15 +1,19 @@
 """Hooks the RAM plugin offers to transports and page codecs.
 
 Named after the QEMU functions they stand in for (``ram_control_*`` in
-``migration/qemu-file.c``).  The RAM plugin calls them through
-:class:`savevm_ram.save.RAMHooks`, which asks once per iteration whether a
-hook has implementations and skips it when it has none: a pluggy call costs
-microseconds and a GiB holds 262,144 pages, so nothing here is per page.
+``migration/qemu-file.c``).  The RAM plugin calls them only through its
+facade, :class:`savevm_ram.control.RAMHooks`, which asks once per
+iteration whether a hook has implementations and skips it when it has none:
+a pluggy call costs microseconds and a GiB holds 262,144 pages, so nothing
+here is called per page.
+
+Every hook receives ``rs``, the :class:`~savevm_ram.state.RAMState` of one
+migration: the narrow, documented part of the RAM section a plugin may use.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from savevm.hookspecs import hookspec
 
@@ -18,67 +22,106 @@ if TYPE_CHECKING:
     from savevm.qemufile import QEMUFile
     from savevm_ram.block import RAMBlock
     from savevm_ram.codecs import PageCodec
+    from savevm_ram.state import RAMState
+
+
+# ---------------------------------------------------------------------------
+# source side: around every RAM chunk
+# ---------------------------------------------------------------------------
 
 
 @hookspec
-def ram_control_before_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
-    """Before a RAM chunk's pages are sent (source side).
+def ram_control_before_iterate(rs: RAMState, f: QEMUFile, flags: int) -> None:
+    """Before a RAM chunk's pages are sent (QEMU's ``ram_control_before_iterate``).
 
-    ``flags`` is ``RAM_CONTROL_SETUP`` (in save_setup), ``RAM_CONTROL_ROUND``
-    (each iterate) or ``RAM_CONTROL_FINISH`` (complete).  An RDMA-style
-    transport writes a ``RAM_SAVE_FLAG_HOOK`` record here.  ``rs`` is the
-    :class:`~savevm_ram.save.RAMHandlers` of this migration.  Returns nothing.
+    Called on the source from ``save_setup`` (``RAM_CONTROL_SETUP``), each
+    ``save_live_iterate`` (``RAM_CONTROL_ROUND``) and
+    ``save_live_complete_precopy`` (``RAM_CONTROL_FINISH``), after the chunk's
+    header and before its pages.  An RDMA-style transport writes a
+    ``RAM_SAVE_FLAG_HOOK`` record here, and at SETUP calls
+    ``rs.claim_pages()`` if the migration is its own.
+
+    :param rs: the RAM section of this migration.
+    :param f: the migration stream (writable).
+    :param flags: one of ``savevm_ram.wire.RAMControl`` SETUP, ROUND, FINISH.
+    :return: nothing.
     """
 
 
 @hookspec
-def ram_control_after_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
-    """After a RAM chunk's pages were queued, before its EOS (source side).
+def ram_control_after_iterate(rs: RAMState, f: QEMUFile, flags: int) -> None:
+    """After a RAM chunk's pages were queued, before its EOS (``ram_control_after_iterate``).
 
-    Same ``flags`` as :func:`ram_control_before_iterate`.  A transport
-    drains its out-of-band writes here.  Returns nothing.
+    Called on the source with the same ``flags`` as
+    :func:`ram_control_before_iterate`.  A transport drains its out-of-band
+    writes here and reports them in the stream.
+
+    :param rs: the RAM section of this migration.
+    :param f: the migration stream (writable).
+    :param flags: one of ``savevm_ram.wire.RAMControl`` SETUP, ROUND, FINISH.
+    :return: nothing.
     """
 
 
 @hookspec(firstresult=True)
-def ram_control_save_page(rs: Any, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> int | None:
-    """Offer a run of dirty pages ``[offset, offset+size)`` of ``block`` to a transport.
+def ram_control_save_page(rs: RAMState, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> int | None:
+    """Offer a run of dirty pages ``[offset, offset + size)`` of ``block`` to a transport.
 
-    Source side, per run of contiguous dirty pages (not per page).  Return
-    the number of bytes the transport accounted (they count against the rate
-    limit), ``RAM_SAVE_CONTROL_DELAYED`` if queued asynchronously, or None
-    if the transport does not take them (they go through the normal
-    pipeline).  Stops at the first non-None result.
+    Called on the source once per contiguous run of dirty pages (never per
+    page), and only in migrations a transport has claimed with
+    ``rs.claim_pages()``: an installed transport that is not in use costs
+    nothing.  Stops at the first non-None result.
 
-    Called only for migrations a transport has claimed: an implementation
-    calls ``rs.claim_pages()`` from ``ram_control_before_iterate`` with
-    ``RAM_CONTROL_SETUP`` when the migration is its own (e.g. its channel).
-    An installed transport that is not in use therefore costs nothing on
-    the hot path, and contiguous-run splitting happens only when needed.
+    :param rs: the RAM section of this migration.
+    :param f: the migration stream (writable).
+    :param block: the block the pages belong to.
+    :param offset: byte offset of the run in the block (page aligned).
+    :param size: length of the run in bytes (whole pages).
+    :return: the bytes the transport accounted (they count against the rate
+        limit), ``RAM_SAVE_CONTROL_DELAYED`` if queued asynchronously, or
+        None (or ``RAM_SAVE_CONTROL_NOT_SUPP``) to send the pages normally.
     """
+
+
+# ---------------------------------------------------------------------------
+# destination side
+# ---------------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
-def ram_control_load_hook(rs: Any, f: QEMUFile, flags: int, data: Any) -> bool | None:
-    """Destination side: ``RAM_CONTROL_BLOCK_REG`` for each block of the
-    MEM_SIZE list (``data`` is the :class:`RAMBlock`), ``RAM_CONTROL_HOOK``
-    for a ``RAM_SAVE_FLAG_HOOK`` record (``data`` is None; the
-    implementation reads its own payload from ``f``).
+def ram_control_load_hook(rs: RAMState, f: QEMUFile, flags: int, data: RAMBlock | None) -> bool | None:
+    """Destination side of a transport (QEMU's ``ram_control_load_hook``).
 
-    Return True if handled.  Stops at the first non-None result.  A HOOK
-    record that no implementation handles is a stream error.
+    Called with ``RAM_CONTROL_BLOCK_REG`` for each block of the MEM_SIZE list
+    as it is loaded, and with ``RAM_CONTROL_HOOK`` for each
+    ``RAM_SAVE_FLAG_HOOK`` record, whose payload the implementation reads
+    from ``f`` itself.  Stops at the first non-None result; a HOOK record
+    that no implementation handles is a stream error.
+
+    :param rs: the RAM section of this migration.
+    :param f: the migration stream (readable).
+    :param flags: ``savevm_ram.wire.RAMControl.BLOCK_REG`` or ``.HOOK``.
+    :param data: the block being registered (BLOCK_REG), else None.
+    :return: True if handled, None if not yours.
     """
+
+
+# ---------------------------------------------------------------------------
+# page encodings
+# ---------------------------------------------------------------------------
 
 
 @hookspec
 def ram_page_codecs(config: MigrationConfig) -> list[PageCodec] | None:
     """Offer page codecs (XBZRLE, zlib, third-party encodings).
 
-    Called on both sides when a RAM section is created and again at the
-    start of each migration (``save_setup`` / ``load_setup``), so a codec
-    plugin registered after the section still takes part.  Return a list of
-    :class:`~savevm_ram.codecs.PageCodec` objects, fresh for this
-    migration, or None.  Codecs decide on the source whether they are
-    enabled (capability); on the destination every returned codec can
-    decode its wire flag.
+    Called on both sides at the start of each migration (``save_setup`` /
+    ``load_setup``), so a codec plugin registered after the section was
+    created still takes part.  On the source a codec is used only if its
+    ``enabled(config)`` says so (usually a capability); on the destination
+    every returned codec can decode its pages.
+
+    :param config: the migration's config.
+    :return: a list of :class:`~savevm_ram.codecs.PageCodec` objects, fresh
+        for this migration (they hold per-migration state), or None.
     """

@@ -1,10 +1,12 @@
 """The RAM section's load side (QEMU's ``ram_load_precopy``), strictly checked.
 
-Every record's block and offset are validated before a byte is written, so
-a corrupt stream can fail a migration but never write outside a block.
-Runs of ``PAGE|CONTINUE`` and ``ZERO|CONTINUE`` records are parsed straight
-out of QEMUFile's 4 MiB staging buffer in a tight loop; anything else takes
-the general path.
+:class:`RAMLoader` owns everything only the destination needs: the block
+the last record named, the decoders by wire flag, and the third-party codecs
+the source announced.  Every record's block and offset are validated before
+a byte is written, so a corrupt stream can fail a migration but never write
+outside a block.  Runs of ``PAGE|CONTINUE`` and ``ZERO|CONTINUE`` records are
+parsed straight out of QEMUFile's 4 MiB staging buffer in a tight loop;
+anything else takes the general path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from savevm.errors import (
+    ConfigurationMismatchError,
     CorruptStreamError,
     MigrationError,
     PageRangeError,
@@ -25,7 +28,9 @@ from savevm.errors import (
 from savevm_ram.wire import (
     FLAGS_MASK,
     PAGE_MASK,
+    PAGE_RECORD_SIZE,
     PAGE_SIZE,
+    QEMU_CODEC_FLAGS,
     RAM_CONTROL_BLOCK_REG,
     RAM_CONTROL_HOOK,
     RAM_SECTION_VERSION,
@@ -34,8 +39,11 @@ from savevm_ram.wire import (
 
 if TYPE_CHECKING:
     from savevm.qemufile import QEMUFile
-    from savevm_ram.block import RAMBlock
-    from savevm_ram.save import RAMHandlers
+    from savevm_ram.block import RAMBlock, RAMList
+    from savevm_ram.codecs import PageCodec
+    from savevm_ram.control import RAMHooks
+    from savevm_ram.state import RAMState
+    from savevm_ram.stats import RAMCounters
 
 _BE64 = struct.Struct(">Q")
 _unpack = _BE64.unpack_from
@@ -52,12 +60,56 @@ _EXT = int(Flag.SAVEVM_ENCODED)
 _CODECS = int(Flag.SAVEVM_CODECS)
 _PAGE_C = _PAGE | _CONT
 _ZERO_C = _ZERO | _CONT
-_PAGE_REC = 8 + PAGE_SIZE
 _BE64_DT = np.dtype(">u8")
 _SHIFT = np.uint64(12)
 
 
-def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
+class RAMLoader:
+    """The destination side of one migration's RAM section."""
+
+    def __init__(self, rs: RAMState, ram: RAMList, counters: RAMCounters, hooks: RAMHooks,
+                 codecs: list[PageCodec]) -> None:
+        self.rs = rs
+        self.ram = ram
+        self.counters = counters
+        self.hooks = hooks
+        self.codecs = codecs
+        #: the block named by the last page record (CONTINUE records reuse it, across chunks)
+        self.last_block: RAMBlock | None = None
+        self._by_flag: dict[int, PageCodec] = {c.wire_flag: c for c in codecs if c.wire_flag in QEMU_CODEC_FLAGS}
+        self._ext: dict[int, PageCodec] = {}
+        for c in codecs:
+            c.load_setup(rs)
+        hooks.refresh()
+
+    def codec_for(self, flag: int) -> PageCodec | None:
+        """The decoder for one of QEMU's codec flags (XBZRLE, COMPRESS_PAGE)."""
+        return self._by_flag.get(flag)
+
+    def announce_codecs(self, names: dict[int, str], offset: int) -> None:
+        """The source named its third-party codecs; refuse if one is missing here."""
+        by_name = {c.name: c for c in self.codecs}
+        missing = sorted(n for n in names.values() if n not in by_name)
+        if missing:
+            raise ConfigurationMismatchError(
+                f"the stream uses page codec(s) {', '.join(map(repr, missing))} but no installed plugin "
+                f"provides them (have: {', '.join(sorted(by_name)) or 'none'})", offset)
+        self._ext = {i: by_name[n] for i, n in names.items()}
+
+    def has_ext_codecs(self) -> bool:
+        """Did the stream announce third-party codecs?"""
+        return bool(self._ext)
+
+    def ext_codec(self, codec_id: int) -> PageCodec | None:
+        """The third-party codec announced under ``codec_id``."""
+        return self._ext.get(codec_id)
+
+    def load(self, f: QEMUFile, version_id: int) -> None:
+        """Load one RAM chunk, up to and including its EOS."""
+        ram_load(self, f, version_id)
+
+
+def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
     """Load one RAM chunk, up to and including its EOS."""
     if version_id != RAM_SECTION_VERSION:
         # only a START can bring a bad version (PART/END reuse its version), and
@@ -65,7 +117,7 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
         raise VersionMismatchError(
             f"unsupported version {version_id} for 'ram', expected {RAM_SECTION_VERSION}", max(0, f.pos - 4))
     ram = rs.ram
-    block = rs.load_last_block
+    block = rs.last_block
     counters = rs.counters
     while True:
         # ---- fast path: runs of CONTINUE page/zero records in the staged buffer
@@ -92,7 +144,7 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
                 if found is None:
                     raise UnknownSectionError(f"unknown RAMBlock {name!r}, cannot accept migration", name_off)
                 block = found
-                rs.load_last_block = block
+                rs.last_block = block
             if addr + PAGE_SIZE > block.used_length:
                 raise PageRangeError(
                     f"page offset 0x{addr:x} is outside RAMBlock {block.idstr!r} "
@@ -134,17 +186,17 @@ def ram_load(rs: RAMHandlers, f: QEMUFile, version_id: int) -> None:
         elif kind == _EOS:
             if flags != _EOS:
                 raise CorruptStreamError(f"unknown combination of RAM flags 0x{flags:x}", off)
-            rs.load_last_block = block
+            rs.last_block = block
             return
         elif flags == _HOOK:
-            handled = rs.hooks.control_load_hook(rs, f, RAM_CONTROL_HOOK, None)
+            handled = rs.hooks.load_hook(rs.rs, f, RAM_CONTROL_HOOK, None)
             if not handled:
                 raise CorruptStreamError("RAM_SAVE_FLAG_HOOK record but no transport plugin handles it", off)
         else:
             raise CorruptStreamError(f"unknown combination of RAM flags 0x{flags:x}", off)
 
 
-def _fast_run(rs: RAMHandlers, f: QEMUFile, block: RAMBlock) -> RAMBlock:
+def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
     """Apply runs of PAGE|CONTINUE / ZERO|CONTINUE records straight from the stage.
 
     A run of equal-typed records sits in the staging buffer at a fixed stride
@@ -170,7 +222,7 @@ def _fast_run(rs: RAMHandlers, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 break
             fl = _unpack(buf, pos)[0] & FLAGS_MASK
             if fl == _PAGE_C:
-                stride = _PAGE_REC
+                stride = PAGE_RECORD_SIZE
             elif fl == _ZERO_C:
                 stride = 9
             else:
@@ -216,7 +268,7 @@ def _fast_run(rs: RAMHandlers, f: QEMUFile, block: RAMBlock) -> RAMBlock:
     return block
 
 
-def _load_block_list(rs: RAMHandlers, f: QEMUFile, total: int, off: int) -> None:
+def _load_block_list(rs: RAMLoader, f: QEMUFile, total: int, off: int) -> None:
     """MEM_SIZE: (idstr, used_length) pairs until the lengths add up to ``total``."""
     remaining = total
     while remaining > 0:
@@ -242,6 +294,6 @@ def _load_block_list(rs: RAMHandlers, f: QEMUFile, total: int, off: int) -> None
                 if isinstance(exc, StreamError):
                     raise
                 raise CorruptStreamError(str(exc), name_off) from exc
-        rs.hooks.control_load_hook(rs, f, RAM_CONTROL_BLOCK_REG, block)
+        rs.hooks.load_hook(rs.rs, f, RAM_CONTROL_BLOCK_REG, block)
         remaining -= length
     rs.counters.total = total

@@ -1,6 +1,9 @@
-"""The RAM plugin's pluggy face: its hookspecs, added to the host."""
+"""The RAM plugin's pluggy face: its hookspecs, its zlib codec, its CLI command and bench rows."""
 
 from __future__ import annotations
+
+import argparse
+from typing import Any
 
 import pluggy
 
@@ -21,3 +24,19 @@ def savevm_addhooks(pluginmanager: pluggy.PluginManager) -> None:
 def ram_page_codecs(config: MigrationConfig) -> list[PageCodec]:
     """The built-in zlib codec (used on the source only with capability ``compress``)."""
     return [CompressCodec()]
+
+
+@hookimpl
+def savevm_cli_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``savevm demo`` (imported only when the CLI builds its parser)."""
+    from savevm_ram.cli import add_commands
+
+    add_commands(subparsers)
+
+
+@hookimpl
+def savevm_bench(size: int, runs: int) -> list[dict[str, Any]]:
+    """The RAM bulk stage to /dev/null beside a numpy copy."""
+    from savevm_ram.bench import bench_rows
+
+    return bench_rows(size, runs)

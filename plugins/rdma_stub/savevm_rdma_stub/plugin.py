@@ -33,26 +33,33 @@ Control payload format (all big-endian), after the ``be64 0x80`` record:
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any
 
 import numpy as np
-import structlog
 
-from savevm.channels.sockets import SocketChannel, TcpTransport
+from savevm.channels.base import Transport
+from savevm.channels.sockets import SocketChannel, SocketListener, TcpTransport
 from savevm.config import MigrationConfig
 from savevm.errors import ChannelError, CorruptStreamError
 from savevm.hookspecs import hookimpl
+from savevm.logging import get_logger
 from savevm.qemufile import QEMUFile
+from savevm_ram.block import RAMBlock
+from savevm_ram.state import RAMState
+from savevm_ram.wire import (
+    CONTROL_RAM_BLOCKS_REQUEST,
+    CONTROL_REGISTER_FINISHED,
+    PAGE_SIZE,
+    RAM_CONTROL_BLOCK_REG,
+    RAM_CONTROL_HOOK,
+    RAM_CONTROL_SETUP,
+    Flag,
+)
 
-log = structlog.get_logger("savevm.rdma_stub")
+log = get_logger("savevm.rdma_stub")
 
-RAM_SAVE_FLAG_HOOK = 0x80
-RAM_CONTROL_SETUP, RAM_CONTROL_ROUND, RAM_CONTROL_HOOK, RAM_CONTROL_FINISH, RAM_CONTROL_BLOCK_REG = 0, 1, 2, 3, 4
-#: RDMAControlHeader types used here (qemu-format.md section 7)
-CONTROL_RAM_BLOCKS_REQUEST = 4
-CONTROL_REGISTER_FINISHED = 9
 MAX_RANGES = 1 << 22
 MAX_RESULT = 1 << 20
 
@@ -64,7 +71,7 @@ class RdmaChannel(SocketChannel):
 
 
 class _RdmaListener:
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: SocketListener) -> None:
         self._inner = inner
         self.uri = "rdma:" + inner.uri.partition(":")[2]
 
@@ -94,7 +101,7 @@ def _is_rdma(f: QEMUFile) -> bool:
 
 
 @hookimpl
-def savevm_get_transport(scheme: str, config: MigrationConfig) -> Any:
+def savevm_get_transport(scheme: str, config: MigrationConfig) -> Transport | None:
     """Offer the ``rdma`` scheme."""
     return RdmaTransport() if scheme == "rdma" else None
 
@@ -117,7 +124,7 @@ class _SourceState:
         self.regions.clear()
 
 
-def _src(rs: Any) -> _SourceState:
+def _src(rs: RAMState) -> _SourceState:
     st = rs.transport_state.get("rdma")
     if st is None:
         st = rs.transport_state["rdma"] = _SourceState()
@@ -125,11 +132,11 @@ def _src(rs: Any) -> _SourceState:
 
 
 @hookimpl
-def ram_control_before_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
+def ram_control_before_iterate(rs: RAMState, f: QEMUFile, flags: int) -> None:
     """qemu_rdma_registration_start: a HOOK record tells the destination to listen."""
     if not _is_rdma(f):
         return
-    f.put_be64(RAM_SAVE_FLAG_HOOK)
+    f.put_be64(Flag.HOOK)
     if flags == RAM_CONTROL_SETUP:
         rs.claim_pages()  # this migration's pages go by remote write
         f.put_be32(CONTROL_RAM_BLOCKS_REQUEST)
@@ -137,7 +144,7 @@ def ram_control_before_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
 
 
 @hookimpl
-def ram_control_after_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
+def ram_control_after_iterate(rs: RAMState, f: QEMUFile, flags: int) -> None:
     """qemu_rdma_registration_stop: exchange block registrations, or report writes."""
     if not _is_rdma(f):
         return
@@ -152,7 +159,7 @@ def ram_control_after_iterate(rs: Any, f: QEMUFile, flags: int) -> None:
     st.ranges.clear()
 
 
-def _exchange_blocks(rs: Any, f: QEMUFile, st: _SourceState) -> None:
+def _exchange_blocks(rs: RAMState, f: QEMUFile, st: _SourceState) -> None:
     f.flush()
     sock = f.channel.sock  # type: ignore[attr-defined]
     hdr = _recv_exact(sock, 4)
@@ -175,7 +182,7 @@ def _exchange_blocks(rs: Any, f: QEMUFile, st: _SourceState) -> None:
     log.info("qemu_rdma_registration_stop", blocks=len(blocks), zero_copy=[r["direct"] for r in result])
 
 
-def _recv_exact(sock: Any, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
     out = bytearray()
     while len(out) < n:
         chunk = sock.recv(n - len(out))
@@ -186,7 +193,7 @@ def _recv_exact(sock: Any, n: int) -> bytes:
 
 
 @hookimpl
-def ram_control_save_page(rs: Any, f: QEMUFile, block: Any, offset: int, size: int) -> int | None:
+def ram_control_save_page(rs: RAMState, f: QEMUFile, block: RAMBlock, offset: int, size: int) -> int | None:
     """The "RDMA write": copy the run into the destination's registered memory."""
     if not _is_rdma(f):
         return None
@@ -201,15 +208,10 @@ def ram_control_save_page(rs: Any, f: QEMUFile, block: Any, offset: int, size: i
     return size
 
 
-@hookimpl
-def savevm_configure(config: MigrationConfig, options: dict[str, Any]) -> None:
-    """No options yet; the transport is chosen by the ``rdma:`` URI."""
-
-
 # --------------------------------------------------------------------------- destination
 class _DestState:
     def __init__(self) -> None:
-        self.blocks: list[Any] = []
+        self.blocks: list[RAMBlock] = []
         self.regions: list[tuple[shared_memory.SharedMemory | None, np.ndarray, bool]] = []
         self.owned: list[shared_memory.SharedMemory] = []
 
@@ -223,7 +225,7 @@ class _DestState:
         self.owned.clear()
 
 
-def _dst(rs: Any) -> _DestState:
+def _dst(rs: RAMState) -> _DestState:
     st = rs.transport_state.get("rdma-dest")
     if st is None:
         st = rs.transport_state["rdma-dest"] = _DestState()
@@ -231,12 +233,13 @@ def _dst(rs: Any) -> _DestState:
 
 
 @hookimpl
-def ram_control_load_hook(rs: Any, f: QEMUFile, flags: int, data: Any) -> bool | None:
+def ram_control_load_hook(rs: RAMState, f: QEMUFile, flags: int, data: RAMBlock | None) -> bool | None:
     """BLOCK_REG: register a block; HOOK: answer registration or apply reported writes."""
     if not _is_rdma(f):
         return None
     st = _dst(rs)
     if flags == RAM_CONTROL_BLOCK_REG:
+        assert data is not None, "BLOCK_REG always names its block"
         _register(st, data)
         return True
     if flags != RAM_CONTROL_HOOK:
@@ -260,16 +263,16 @@ def ram_control_load_hook(rs: Any, f: QEMUFile, flags: int, data: Any) -> bool |
         if bi >= len(st.blocks):
             raise CorruptStreamError(f"rdma: write to unregistered block {bi}", roff)
         b = st.blocks[bi]
-        if o + ln > b.used_length or o % 4096 or ln % 4096:
+        if o + ln > b.used_length or o % PAGE_SIZE or ln % PAGE_SIZE:
             raise CorruptStreamError(f"rdma: write [{o}, {o + ln}) outside {b.idstr!r}", roff)
         shm, region, direct = st.regions[bi]
         if not direct:
             b.host[o : o + ln] = region[o : o + ln]
-        rs.counters.loaded_pages += ln // 4096
+        rs.counters.loaded_pages += ln // PAGE_SIZE
     return True
 
 
-def _register(st: _DestState, block: Any) -> None:
+def _register(st: _DestState, block: RAMBlock) -> None:
     buf = getattr(block, "buffer", None)
     if isinstance(buf, shared_memory.SharedMemory):
         st.blocks.append(block)

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from savevm.config import check_xbzrle_cache_size
 from savevm.errors import ConfigError
 
 from .codec import PAGE_SIZE, encode_batch
@@ -41,29 +42,11 @@ __all__ = [
 
 #: A resident page touched within this many sync generations is not evicted.
 CACHED_PAGE_LIFETIME = 2
-CACHE_SIZE_KEY = "xbzrle-cache-size"
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (x.bit_length() - 1)
 
 
 def _check_size(size_bytes: Any, page_size: int) -> int:
-    """Return the number of slots, or raise ConfigError naming valid sizes."""
-    if isinstance(size_bytes, bool) or not isinstance(size_bytes, (int, np.integer)):
-        raise ConfigError(CACHE_SIZE_KEY, f"must be an integer number of bytes, got {size_bytes!r}")
-    size = int(size_bytes)
-    items, rest = divmod(size, page_size)
-    if size >= page_size and rest == 0 and items & (items - 1) == 0:
-        return items
-    rule = f"must be a power-of-two number of {page_size}-byte pages and >= {page_size}"
-    if size < page_size:
-        hint = f"smallest valid size: {page_size}"
-    else:
-        below = _pow2_floor(items) * page_size  # always < size here
-        above = below * 2
-        hint = f"nearest valid sizes: {below}, {above}"
-    raise ConfigError(CACHE_SIZE_KEY, f"{rule}; got {size}; {hint}")
+    """The number of slots for ``size_bytes``: the parameter's own check (ConfigError names valid sizes)."""
+    return check_xbzrle_cache_size(size_bytes, page_size)
 
 
 class PageCache:

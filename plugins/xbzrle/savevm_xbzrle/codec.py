@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from savevm.errors import CorruptStreamError
+from savevm_ram.wire import PAGE_SIZE
 
 __all__ = [
     "PAGE_SIZE",
@@ -44,8 +45,6 @@ __all__ = [
     "uleb128_encode_small",
 ]
 
-#: XBZRLE always works on one x86 target page.
-PAGE_SIZE = 4096
 #: Largest value the two-byte "small" ULEB128 can carry (14 bits).
 ULEB_SMALL_MAX = 0x3FFF
 

@@ -21,32 +21,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import structlog
-from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
 
 from savevm.errors import CorruptStreamError
+from savevm.logging import get_logger
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec, PageResult
+from savevm_ram.wire import ENCODING_FLAG_XBZRLE, PAGE_SIZE, Flag
 from savevm_xbzrle.cache import KIND_MISS, KIND_OVERFLOW, KIND_UNCHANGED, KIND_XBZRLE, PageCache, xbzrle_save_batch
 from savevm_xbzrle.codec import decode
 from savevm_xbzrle.stats import XbzrleStats
 
 if TYPE_CHECKING:
-    from savevm_ram.block import RAMBlock
-
     from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
+    from savevm_ram.block import RAMBlock
+    from savevm_ram.state import RAMState
 
-log = structlog.get_logger("savevm.xbzrle")
+log = get_logger("savevm.xbzrle")
 
-RAM_SAVE_FLAG_XBZRLE = 0x40
-ENCODING_FLAG_XBZRLE = 0x01
-PAGE_SIZE = 4096
 
 
 class XbzrleCodec(PageCodec):
     """XBZRLE delta pages against a direct-mapped page cache."""
 
     name = "xbzrle"
-    wire_flag = RAM_SAVE_FLAG_XBZRLE
+    wire_flag = int(Flag.XBZRLE)
     priority = 10
 
     def __init__(self) -> None:
@@ -58,18 +56,18 @@ class XbzrleCodec(PageCodec):
     def enabled(self, config: MigrationConfig) -> bool:
         return config.has("xbzrle")
 
-    def save_setup(self, rs: Any) -> None:
+    def save_setup(self, rs: RAMState) -> None:
         size = rs.config.parameters.xbzrle_cache_size
         self.cache = PageCache(size)
         self.stats = XbzrleStats(cache_size=size)
         self._pending_size = None
 
-    def configure(self, rs: Any, config: MigrationConfig) -> None:
+    def configure(self, rs: RAMState, config: MigrationConfig) -> None:
         size = config.parameters.xbzrle_cache_size
         if self.cache is not None and size != self.cache.size_bytes:
             self._pending_size = size  # applied at the next iteration start
 
-    def iteration_start(self, rs: Any) -> None:
+    def iteration_start(self, rs: RAMState) -> None:
         if self._pending_size is not None and self.cache is not None:
             old = self.cache.size_bytes
             self.cache.resize(self._pending_size)
@@ -77,21 +75,21 @@ class XbzrleCodec(PageCodec):
             log.info("xbzrle_cache_resize", old=old, new=self._pending_size)
             self._pending_size = None
 
-    def active(self, rs: Any) -> bool:
+    def active(self, rs: RAMState) -> bool:
         return not rs.bulk_stage
 
-    def encode_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
-                     last_stage: bool) -> list[Any]:
+    def encode_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> list[PageResult]:
         assert self.cache is not None
         addrs = block.offset + np.asarray(pages, dtype=np.int64) * PAGE_SIZE
         data = np.ascontiguousarray(data)  # our own snapshot: what is cached is what is sent
-        r = xbzrle_save_batch(self.cache, addrs, data, rs.bitmap.sync_count, last_stage)
+        r = xbzrle_save_batch(self.cache, addrs, data, rs.sync_count, last_stage)
         st = self.stats
         st.cache_miss += r.cache_miss
         st.pages += r.pages
         st.overflow += r.overflow
         st.bytes += PAGE_SIZE * r.overflow
-        out: list[Any] = []
+        out: list[PageResult] = []
         kinds = r.kind.tolist()
         for k, kind in enumerate(kinds):
             if kind == KIND_XBZRLE:
@@ -108,13 +106,13 @@ class XbzrleCodec(PageCodec):
                 out.append(None)
         return out
 
-    def zero_pages(self, rs: Any, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
+    def zero_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
         if self.cache is None:
             return
         addrs = block.offset + np.asarray(pages, dtype=np.int64) * PAGE_SIZE
-        self.cache.insert_batch(addrs, None, rs.bitmap.sync_count)
+        self.cache.insert_batch(addrs, None, rs.sync_count)
 
-    def on_period(self, rs: Any, pages_sent_delta: int) -> None:
+    def on_period(self, rs: RAMState, pages_sent_delta: int) -> None:
         self.stats.update_rates(pages_sent_delta)
 
     def query_stats(self) -> dict[str, Any]:

@@ -13,9 +13,10 @@ from typing import Any
 
 import attrs
 
+from savevm_ram.wire import PAGE_SIZE
+
 __all__ = ["XbzrleStats"]
 
-_PAGE_SIZE = 4096
 
 
 @attrs.define
@@ -54,7 +55,7 @@ class XbzrleStats:
         self._prev_cache_miss = self.cache_miss
         encoded = self.bytes - self._prev_bytes
         hits = self.pages - self._prev_pages
-        self.encoding_rate = 0.0 if hits == 0 or encoded == 0 else hits * _PAGE_SIZE / encoded
+        self.encoding_rate = 0.0 if hits == 0 or encoded == 0 else hits * PAGE_SIZE / encoded
         self._prev_pages = self.pages
         self._prev_bytes = self.bytes
 

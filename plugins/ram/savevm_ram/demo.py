@@ -1,8 +1,8 @@
 """The demo program: RAM blocks plus a device, rewritten at a steady rate.
 
 ``savevm demo`` migrates it between two processes; ``savevm migrate
---guest savevm.cli.demo:DemoProgram`` and ``savevm incoming ... --guest
-savevm.cli.demo:DemoProgram --guest-arg role=destination`` do the same by
+--guest savevm_ram.demo:DemoProgram`` and ``savevm incoming ... --guest
+savevm_ram.demo:DemoProgram --guest-arg role=destination`` do the same by
 hand.  The workload dirties ``dirty_rate / 4096`` pages per second, changing
 a 256-byte stretch in each (so XBZRLE has something to win), and honours
 pause and throttle the way a vCPU does under QEMU.

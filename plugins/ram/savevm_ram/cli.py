@@ -1,0 +1,121 @@
+"""The RAM plugin's ``savevm`` subcommands (contributed through ``savevm_cli_commands``).
+
+``savevm demo`` needs RAM blocks, so it lives with the RAM section rather
+than in the core distribution's CLI: installing the core alone gives a
+``savevm`` without it, and a clear hint, instead of an import error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from savevm.cli import build_config, common_options
+from savevm.cli.progress import human, print_table, watch
+from savevm.errors import ConfigError, MigrationError
+from savevm.migration import Migration
+from savevm.plugins import PluginHost
+from savevm_ram.demo import DemoProgram
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``savevm demo``."""
+    d = subparsers.add_parser("demo", help="live-migrate a synthetic workload between two local processes")
+    d.add_argument("--size", default="256M", help="total RAM (K/M/G suffixes), default 256M")
+    d.add_argument("--blocks", type=int, default=2, help="number of RAM blocks, default 2")
+    d.add_argument("--fill", choices=("random", "text", "zero"), default="random", help="initial content")
+    d.add_argument("--dirty-rate", default="20M", help="bytes/s of pages the workload rewrites (0 = none)")
+    d.add_argument("--capability", action="append", metavar="NAME", help="xbzrle, compress, auto-converge, ...")
+    d.add_argument("--set", action="append", metavar="PARAM=VALUE", help="QEMU parameter (repeatable)")
+    d.add_argument("--uri", default="tcp:127.0.0.1:0", help="tcp:HOST:PORT or unix:PATH")
+    d.add_argument("--config", help=argparse.SUPPRESS)
+    d.add_argument("--dirty-tracking", choices=("tracked", "compare"), default="tracked",
+                   help="how the source finds dirty pages")
+    d.add_argument("--corrupt-dest-page", type=int, default=None, help=argparse.SUPPRESS)
+    d.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
+    common_options(d)
+    d.set_defaults(func=cmd_demo)
+
+
+def _registry(cfg: Any) -> Any:
+    return PluginHost(cfg).new_registry()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``savevm demo``: a destination process, this process as the source, and a check."""
+    cfg = build_config(args)
+    scheme = args.uri.partition(":")[0]
+    if scheme not in ("tcp", "unix"):
+        raise ConfigError("--uri", "the demo runs both ends at once: use tcp:HOST:PORT or unix:PATH")
+    dest_cmd = [sys.executable, "-m", "savevm.cli", "incoming", args.uri, "--print-uri", "--json",
+                "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", f"size={args.size}",
+                "--guest-arg", f"blocks={args.blocks}", "--guest-arg", "role=destination",
+                "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "120"]
+    if args.corrupt_dest_page is not None:
+        dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
+    t_fill = time.monotonic()
+    prog = DemoProgram(size=args.size, blocks=args.blocks, fill=args.fill, dirty_rate=args.dirty_rate,
+                       role="source", dirty=args.dirty_tracking)
+    fill_s = time.monotonic() - t_fill
+    dest = subprocess.Popen(dest_cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert dest.stdout is not None
+        uri = dest.stdout.readline().strip()
+        if not uri:
+            dest.wait(30)
+            raise MigrationError(f"the destination process exited ({dest.returncode}) before listening")
+        reg = _registry(cfg)
+        prog.register(reg)
+        prog.start()
+        if not args.json:
+            print(f"savevm demo: {human(prog.ram.total_bytes)} in {len(prog.ram)} blocks ({args.fill}, "
+                  f"filled in {fill_s:.1f}s), dirtying {args.dirty_rate}/s, "
+                  f"destination pid {dest.pid} on {uri}", file=sys.stderr)
+        time.sleep(0.2)  # let the workload run a little before migrating
+        mig = Migration(reg, uri, guest=prog, config=cfg)
+        mig.start()
+        deadline = time.monotonic() + args.timeout
+
+        def done() -> bool:
+            if time.monotonic() > deadline and mig.is_running():
+                mig.cancel()
+            return mig.finished()
+
+        watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
+        st = mig.wait()
+        source_sums = prog.checksums() if st.status == "completed" else {}
+        prog.stop()
+        out_text, _ = dest.communicate(timeout=120)
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+            dest.wait()
+    dest_report: dict[str, Any] = {}
+    for line in out_text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                dest_report = json.loads(line)
+            except ValueError:
+                pass
+    dest_sums = (dest_report.get("guest") or {}).get("checksums", {})
+    verified = st.status == "completed" and bool(source_sums) and source_sums == dest_sums
+    mismatched = sorted(k for k in source_sums if source_sums.get(k) != dest_sums.get(k))
+    out = st.as_qmp()
+    out["verified"] = verified
+    out["destination-status"] = dest_report.get("status", "unknown")
+    if mismatched:
+        out["mismatched"] = mismatched
+    if args.json:
+        print(json.dumps(out))
+    else:
+        extra = {"destination": out["destination-status"],
+                 "verified": "yes (checksums of every block and the device match)" if verified
+                 else f"NO - mismatched: {', '.join(mismatched) or 'no checksums'}"}
+        print_table(st, "savevm demo", extra)
+    return 0 if verified else 1

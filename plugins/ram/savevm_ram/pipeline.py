@@ -1,0 +1,299 @@
+"""The page pipeline (QEMU's ``ram_save_target_page`` for a batch of pages).
+
+Two steps per batch of dirty pages of one block:
+
+1. :meth:`PagePipeline.prepare` — clear their dirty bits, count them, view
+   their contents (no copy when contiguous), find the zero pages, and pick
+   the codecs active for this pass;
+2. :meth:`PagePipeline.emit` — write the records: zero pages as ``ZERO``,
+   codec results under the codec's flag, the rest as ``PAGE``.
+
+Before both, a transport that claimed the migration (RDMA-style) is offered
+each contiguous run through ``ram_control_save_page`` and may take it out
+of band.  Everything here is a numpy operation over the batch; nothing is
+per page except the codec path's record assembly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec, PageResult
+from savevm_ram.search import MAX_BATCH_PAGES
+from savevm_ram.wire import (
+    PAGE_BITS,
+    PAGE_RECORD_SIZE,
+    PAGE_SIZE,
+    QEMU_CODEC_FLAGS,
+    RAM_SAVE_CONTROL_DELAYED,
+    RAM_SAVE_CONTROL_NOT_SUPP,
+    ZERO_RECORD,
+    Flag,
+)
+
+if TYPE_CHECKING:
+    from savevm.qemufile import QEMUFile
+    from savevm_ram.block import RAMBlock
+    from savevm_ram.control import RAMHooks
+    from savevm_ram.dirty import DirtyBitmap
+    from savevm_ram.state import RAMState
+    from savevm_ram.stats import RAMCounters
+
+_ZERO_C = np.uint64(Flag.ZERO | Flag.CONTINUE)
+_PAGE_C = np.uint64(Flag.PAGE | Flag.CONTINUE)
+_SHIFT = np.uint64(PAGE_BITS)
+# plain ints for per-page code: IntFlag arithmetic costs microseconds per operation
+_F_ZERO = int(Flag.ZERO)
+_F_PAGE = int(Flag.PAGE)
+_F_CONT = int(Flag.CONTINUE)
+_F_EXT = int(Flag.SAVEVM_ENCODED)
+
+
+@attrs.define
+class Batch:
+    """Dirty pages of one block, examined and ready to be written."""
+
+    block: RAMBlock
+    #: page numbers in the block, ascending
+    pages: np.ndarray
+    #: (n, 4096) contents: a view of the block when contiguous, else a gathered copy
+    data: np.ndarray
+    #: which pages are all zero
+    zero: np.ndarray
+    #: the codecs active for this pass, in priority order
+    codecs: list[PageCodec]
+
+
+def zero_pages(data: np.ndarray) -> np.ndarray:
+    """Which of the (n, 4096) pages are all zero (QEMU's buffer_is_zero), vectorised.
+
+    Most non-zero pages have a non-zero first word, so only pages whose first
+    word is zero get the full check (an OR-reduce, faster than ``any``).
+    """
+    w = data.view(np.uint64)
+    cand = w[:, 0] == 0
+    if not cand.any():
+        return cand
+    if cand.all():
+        return np.bitwise_or.reduce(w, axis=1) == 0
+    idx = np.flatnonzero(cand)
+    cand[idx] = np.bitwise_or.reduce(w[idx], axis=1) == 0
+    return cand
+
+
+class PagePipeline:
+    """Turns batches of dirty pages into records on a QEMUFile (source side)."""
+
+    def __init__(self, rs: RAMState, bitmap: DirtyBitmap, counters: RAMCounters, hooks: RAMHooks) -> None:
+        self.rs = rs
+        self.bitmap = bitmap
+        self.counters = counters
+        self.hooks = hooks
+        #: the codecs the source uses in this migration (enabled by capability), in priority order
+        self.codecs: list[PageCodec] = []
+        #: third-party codec -> the id announced at setup (by ``id()`` of the codec)
+        self.ext_ids: dict[int, int] = {}
+        #: the block named by the last page record (later records of it carry CONTINUE)
+        self.last_sent_block: RAMBlock | None = None
+        #: a transport claimed this migration's pages (ram_control_save_page is offered runs)
+        self.pages_claimed = False
+        #: bytes transports reported for pages they took out of band
+        self.oob_bytes = 0
+        #: packed (header + page) records of one batch; reused, flushed per batch
+        self._scratch = np.empty((MAX_BATCH_PAGES, PAGE_RECORD_SIZE), dtype=np.uint8)
+
+    def start(self, codecs: list[PageCodec]) -> None:
+        """A migration begins with these codecs enabled."""
+        self.codecs = codecs
+        ext = [c for c in codecs if c.wire_flag not in QEMU_CODEC_FLAGS]
+        self.ext_ids = {id(c): i for i, c in enumerate(ext)}
+        self.last_sent_block = None
+        self.pages_claimed = False
+        self.oob_bytes = 0
+
+    def ext_codecs(self) -> list[PageCodec]:
+        """The third-party codecs setup announces, in id order."""
+        return [c for c in self.codecs if id(c) in self.ext_ids]
+
+    # ------------------------------------------------------------ entry
+    def save(self, f: QEMUFile, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
+        """Send a batch found by the page search."""
+        n = len(pages)
+        contiguous = int(pages[-1]) - int(pages[0]) == n - 1
+        if self.pages_claimed and self.hooks.has_save_page:
+            # transports take contiguous ranges, as ram_control_save_page does
+            cuts = [] if contiguous else (np.flatnonzero(np.diff(pages) != 1) + 1).tolist()
+            for lo, hi in zip([0, *cuts], [*cuts, n]):
+                self._offer(f, block, pages[lo:hi], last_stage)
+            return
+        self.emit(f, self.prepare(block, pages, contiguous), last_stage)
+
+    def _offer(self, f: QEMUFile, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
+        """One contiguous run: a claiming transport may take it, else the normal path."""
+        self._take(block, pages, True)
+        n = len(pages)
+        first = int(pages[0])
+        r = self.hooks.control_save_page(self.rs, f, block, first * PAGE_SIZE, n * PAGE_SIZE)
+        if r is not None and r != RAM_SAVE_CONTROL_NOT_SUPP:
+            nbytes = n if r == RAM_SAVE_CONTROL_DELAYED else int(r)
+            f.account(nbytes)
+            self.oob_bytes += nbytes
+            self.counters.control += n
+            self.counters.normal += n
+            return
+        self.emit(f, self._examine(block, pages, True), last_stage)
+
+    # ------------------------------------------------------------ step 1
+    def prepare(self, block: RAMBlock, pages: np.ndarray, contiguous: bool) -> Batch:
+        """Clear the pages' dirty bits, count them, and examine their contents."""
+        self._take(block, pages, contiguous)
+        return self._examine(block, pages, contiguous)
+
+    def _take(self, block: RAMBlock, pages: np.ndarray, contiguous: bool) -> None:
+        if contiguous:
+            self.bitmap.clear(block, int(pages[0]), len(pages))
+        else:
+            self.bitmap.clear_pages(block, pages)
+        self.counters.target_pages += len(pages)
+
+    def _examine(self, block: RAMBlock, pages: np.ndarray, contiguous: bool) -> Batch:
+        if contiguous:
+            data = block.page_view(int(pages[0]), len(pages))
+        else:
+            data = block.host[: block.pages * PAGE_SIZE].reshape(-1, PAGE_SIZE)[pages]  # gathered copy
+        codecs = [c for c in self.codecs if c.active(self.rs)] if self.codecs else []
+        return Batch(block, pages, data, zero_pages(data), codecs)
+
+    # ------------------------------------------------------------ step 2
+    def emit(self, f: QEMUFile, batch: Batch, last_stage: bool) -> None:
+        """Write the batch's records."""
+        if batch.codecs:
+            self._emit_codecs(f, batch, last_stage)
+        else:
+            self._emit_plain(f, batch)
+
+    def _emit_plain(self, f: QEMUFile, batch: Batch) -> None:
+        """Zero and normal pages only: records packed by numpy, one write per batch.
+
+        Normal pages are copied (header + page) into a reused scratch buffer
+        rather than queued as two iovecs each: a 4 KiB memcpy costs far less
+        than the Python and kernel work of two iovecs per page (measured:
+        1.8 -> 7.4 GB/s to /dev/null).  The buffer is flushed before the
+        next batch reuses it.
+        """
+        b, pages, zero, data = batch.block, batch.pages, batch.zero, batch.data
+        n = len(pages)
+        hdr = (pages.astype(np.uint64) << _SHIFT) | np.where(zero, _ZERO_C, _PAGE_C)
+        parts: list[Any] = []
+        nbytes = 0
+        k = 0
+        if self.last_sent_block is not b:
+            name = b.idstr.encode()
+            h0 = int(hdr[0]) & ~_F_CONT
+            head = h0.to_bytes(8, "big") + bytes([len(name)]) + name
+            if zero[0]:
+                parts.append(head + b"\x00")
+                nbytes += len(head) + 1
+            else:
+                parts.append(head + data[0].tobytes())
+                nbytes += len(head) + PAGE_SIZE
+            self.last_sent_block = b
+            k = 1
+        nzero = int(np.count_nonzero(zero))
+        self.counters.duplicate += nzero
+        self.counters.normal += n - nzero
+        if k < n:
+            hb = hdr.astype(">u8").view(np.uint8).reshape(n, 8)
+            scratch = self._scratch
+            row = 0
+            sub = zero[k:]
+            cuts = (np.flatnonzero(sub[1:] != sub[:-1]) + 1 + k).tolist()
+            bounds = [k, *cuts, n]
+            for i, j in zip(bounds, bounds[1:]):
+                if zero[i]:
+                    rec = np.empty(j - i, dtype=ZERO_RECORD)
+                    rec["hdr"] = hdr[i:j]
+                    rec["fill"] = 0
+                    parts.append(rec.tobytes())
+                    nbytes += 9 * (j - i)
+                else:
+                    out = scratch[row : row + (j - i)]
+                    out[:, :8] = hb[i:j]
+                    out[:, 8:] = data[i:j]
+                    parts.append(out.reshape(-1).data)
+                    nbytes += PAGE_RECORD_SIZE * (j - i)
+                    row += j - i
+        f.put_iovecs(parts, nbytes)
+        f.flush()  # the scratch buffer is reused by the next batch
+
+    def _emit_codecs(self, f: QEMUFile, batch: Batch, last_stage: bool) -> None:
+        """The general pipeline: zero → codecs in order → normal page."""
+        b, pages, data, zero, codecs = batch.block, batch.pages, batch.data, batch.zero, batch.codecs
+        n = len(pages)
+        results: list[PageResult] = [None] * n
+        flags: list[int] = [0] * n
+        todo = np.flatnonzero(~zero)
+        for c in codecs:
+            if todo.size == 0:
+                break
+            res = c.encode_pages(self.rs, b, pages[todo], data[todo], last_stage)
+            keep = []
+            for k, r in zip(todo.tolist(), res):
+                if r is None:
+                    keep.append(k)
+                    continue
+                ext_id = self.ext_ids.get(id(c))
+                if ext_id is None or r is SKIP or isinstance(r, NormalFrom):
+                    results[k] = r
+                    flags[k] = c.wire_flag
+                else:
+                    results[k] = bytes((ext_id,)) + bytes(r)  # type: ignore[arg-type]
+                    flags[k] = _F_EXT
+            todo = np.asarray(keep, dtype=np.int64)
+        if zero.any():
+            zpages = pages[zero]
+            for c in codecs:
+                c.zero_pages(self.rs, b, zpages, last_stage)
+        pm = b.mv
+        plist = pages.tolist()
+        parts: list[Any] = []
+        nbytes = 0
+        idstr = b.idstr.encode()
+        name_rec = bytes([len(idstr)]) + idstr
+        cnt = self.counters
+        for k in range(n):
+            off = plist[k] << PAGE_BITS
+            body: Any
+            if zero[k]:
+                flag = _F_ZERO
+                body = b"\x00"
+                cnt.duplicate += 1
+            else:
+                r = results[k]
+                if r is None:
+                    flag = _F_PAGE
+                    body = pm[off : off + PAGE_SIZE]
+                    cnt.normal += 1
+                elif r is SKIP:
+                    continue
+                elif isinstance(r, NormalFrom):
+                    flag = _F_PAGE
+                    body = r.data
+                    cnt.normal += 1
+                else:
+                    flag = flags[k]
+                    body = r
+                    cnt.encoded += 1
+            if self.last_sent_block is b:
+                head = (off | flag | _F_CONT).to_bytes(8, "big")
+            else:
+                head = (off | flag).to_bytes(8, "big") + name_rec
+                self.last_sent_block = b
+            parts.append(head)
+            parts.append(body)
+            nbytes += len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+        if parts:
+            f.put_iovecs(parts, nbytes)
