@@ -109,6 +109,7 @@ class MigrationBase(abc.ABC):
         self.plugins = plugins or registry.plugins
         #: tells this migration's log events apart from another's in the same process
         self.id = uuid.uuid4().hex[:12]
+        self.log = log.bind(side=self.side, uri=uri or "channel", migration=self.id)
         self._init_side()
         self._state = MigrationState.NONE
         self._state_lock = threading.Lock()
@@ -127,12 +128,12 @@ class MigrationBase(abc.ABC):
             if new not in _ALLOWED.get(old, set()):
                 return False
             self._state = new
-        log.info("migrate_set_state", side=self.side, old=old.value, new=new.value)
+        self.log.info("migrate_set_state", old=old.value, new=new.value)
         if self.plugins is not None:
             try:
                 self.plugins.state_changed(self, old.value, new.value)
             except Exception:
-                log.exception("migration_notifier_failed", new=new.value)
+                self.log.exception("migration_notifier_failed", new=new.value)
         if new in (MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLED):
             self._done.set()
         return True
@@ -272,7 +273,7 @@ class Migration(MigrationBase):
         if name == "max-bandwidth" and f is not None and self.state in (MigrationState.SETUP,
                                                                          MigrationState.ACTIVE):
             f.set_rate_limit(cfg.parameters.max_bandwidth)
-        log.info("migrate_set_parameter", name=name, value=cfg.param(name), migration=self.id)
+        self.log.info("migrate_set_parameter", name=name, value=cfg.param(name))
 
     def _apply_config(self, cfg: MigrationConfig) -> None:
         """The one path a config takes: to the plugins (savevm_configure), then to the sections."""
@@ -359,7 +360,7 @@ class Migration(MigrationBase):
         self.setup_time = int((time.monotonic() - self._t_start) * 1000)
         if not self._set_state(MigrationState.ACTIVE, MigrationState.SETUP):
             self._check_cancel()
-        log.info("migration_setup_done", setup_time=self.setup_time)
+        self.log.info("migration_setup_done", setup_time=self.setup_time)
         window_start = time.monotonic()
         window_bytes = f.pos
         # a max-bandwidth set after the stream was opened but before it was published in _f
@@ -373,7 +374,7 @@ class Migration(MigrationBase):
                 w.iterate()
                 self.iterations += 1
             else:
-                log.info("migration_completion", pending=pending, threshold=self.threshold_size,
+                self.log.info("migration_completion", pending=pending, threshold=self.threshold_size,
                          iterations=self.iterations)
                 self._complete(w, f)
                 return
@@ -393,7 +394,7 @@ class Migration(MigrationBase):
                 remaining = pending
                 if self.bandwidth > 0:
                     self.expected_downtime = int(remaining / self.bandwidth)
-                log.debug("migrate_transferred", bytes=sent, ms=round(elapsed * 1000, 1),
+                self.log.debug("migrate_transferred", bytes=sent, ms=round(elapsed * 1000, 1),
                           bandwidth=round(self.bandwidth, 1), threshold=self.threshold_size,
                           expected_downtime=self.expected_downtime)
                 window_start = now
@@ -414,12 +415,12 @@ class Migration(MigrationBase):
         self._wait_ack()
         self.downtime = int((time.monotonic() - t0) * 1000)
         if self._cancel.is_set():
-            log.warning("migrate_cancel_too_late", reason="stream complete; destination owns the state")
+            self.log.warning("migrate_cancel_too_late", reason="stream complete; destination owns the state")
         with self._state_lock:
             if self._state == MigrationState.CANCELLING:
                 self._state = MigrationState.DEVICE
         self._set_state(MigrationState.COMPLETED)
-        log.info("migration_completed", downtime=self.downtime, iterations=self.iterations,
+        self.log.info("migration_completed", downtime=self.downtime, iterations=self.iterations,
                  bytes=f.pos, total_time=int((time.monotonic() - self._t_start) * 1000))
 
     def _wait_ack(self) -> None:
@@ -472,7 +473,7 @@ class Migration(MigrationBase):
                     pct = min(self.throttle_percentage + p.cpu_throttle_increment, p.max_cpu_throttle)
                 self.throttle_percentage = pct
                 self.max_throttle_percentage = max(self.max_throttle_percentage, pct)
-                log.info("migration_throttle", percent=pct, dirty_bytes=dirty_bytes, xfer_bytes=xfer_bytes)
+                self.log.info("migration_throttle", percent=pct, dirty_bytes=dirty_bytes, xfer_bytes=xfer_bytes)
                 self.guest.set_throttle(pct)
 
     # ------------------------------------------------------------ endings
@@ -503,7 +504,7 @@ class Migration(MigrationBase):
                 err = MigrationFailed(f"destination refused the stream: {reason}")
                 err.__cause__ = exc
         self.error = err
-        log.error("migrate_fd_error", error=str(err))
+        self.log.error("migrate_fd_error", error=str(err))
         self._abort_sections()
         self._resume_guest()
         with self._state_lock:
@@ -530,7 +531,7 @@ class Migration(MigrationBase):
             try:
                 self.guest.resume()
             except Exception:
-                log.exception("guest_resume_failed")
+                self.log.exception("guest_resume_failed")
 
     def _cleanup(self) -> None:
         if self._writer is not None:
@@ -540,14 +541,14 @@ class Migration(MigrationBase):
         try:
             self.guest.set_throttle(0)
         except Exception:
-            log.exception("guest_throttle_reset_failed")
+            self.log.exception("guest_throttle_reset_failed")
         ch = self._channel
         if ch is not None:
             try:
                 ch.close()
             except Exception as exc:  # exec: a failing command is a failed migration
                 if self.state == MigrationState.COMPLETED:
-                    log.warning("channel_close_failed", error=str(exc))
+                    self.log.warning("channel_close_failed", error=str(exc))
         self._done.set()
 
 
@@ -574,7 +575,8 @@ class Incoming(MigrationBase):
             assert self.uri is not None
             self._listener = listen_uri(self.uri, self.registry.plugins)
             self.uri = self._listener.uri
-            log.info("migration_incoming_listen", uri=self.uri)
+            self.log = self.log.bind(uri=self.uri)
+            self.log.info("migration_incoming_listen", uri=self.uri)
         return self.uri or "channel"
 
     def start(self) -> None:
@@ -622,7 +624,7 @@ class Incoming(MigrationBase):
                 try:
                     self._channel.close()
                 except Exception:
-                    log.debug("incoming_channel_close_failed")
+                    self.log.debug("incoming_channel_close_failed")
             self._ensure_ended()
 
     def _load(self) -> None:
@@ -642,7 +644,7 @@ class Incoming(MigrationBase):
         self.guest.resume()
         self._send(ACK_OK)
         self._set_state(MigrationState.COMPLETED)
-        log.info("migration_incoming_completed", bytes=f.pos)
+        self.log.info("migration_incoming_completed", bytes=f.pos)
 
     def _send(self, data: bytes) -> None:
         sock = getattr(self._channel, "sock", None)
@@ -651,7 +653,7 @@ class Incoming(MigrationBase):
         try:
             sock.sendall(data)
         except OSError as exc:
-            log.warning("incoming_ack_failed", error=str(exc))
+            self.log.warning("incoming_ack_failed", error=str(exc))
 
     def _fail(self, exc: BaseException) -> None:
         if getattr(self, "_cancelled", False) and not isinstance(exc, MigrationCancelled):
@@ -663,7 +665,7 @@ class Incoming(MigrationBase):
             err = MigrationFailed(f"incoming migration failed: {exc!r}")
             err.__cause__ = exc
         self.error = err
-        log.error("load_migration_failed", error=str(err))
+        self.log.error("load_migration_failed", error=str(err))
         self._send(ACK_FAIL + str(err).encode()[:4000])
         self._set_state(MigrationState.FAILED)
 

@@ -13,6 +13,18 @@ import hashlib
 import os
 from typing import Any
 
+from savevm.errors import PluginError
+
+
+def _ram_plugin() -> Any:
+    """The RAM plugin, or a clear error naming what to install (this module ships with the core)."""
+    try:
+        import savevm_ram
+    except ImportError as exc:
+        raise PluginError("QemuGuest receives RAM and needs the RAM plugin: install savevm-ram "
+                          "(pip install -e plugins/ram)") from exc
+    return savevm_ram
+
 
 class QemuGuest:
     """RAM-only receiver for QEMU streams (nothing to pause; nothing runs)."""
@@ -25,9 +37,7 @@ class QemuGuest:
         self.dump_dir = dump_dir
 
     def register(self, registry: Any) -> None:
-        import savevm_ram
-
-        savevm_ram.register_ram(registry, self.ram)
+        _ram_plugin().register_ram(registry, self.ram)
 
     def pause(self) -> None:
         """Nothing runs on this side."""
