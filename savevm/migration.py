@@ -33,12 +33,13 @@ import structlog
 from savevm.channels import listen as listen_uri
 from savevm.channels import open_channel
 from savevm.config import MigrationConfig
+from savevm.convergence import Convergence
 from savevm.errors import ChannelError, MigrationCancelled, MigrationError, MigrationFailed
 from savevm.guest import Guest, NullGuest
 from savevm.handlers import SaveContext
 from savevm.load import StreamLoader
 from savevm.logging import get_logger
-from savevm.qemufile import BUFFER_DELAY, QEMUFile
+from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
 from savevm.stats import MigrationStats
 
@@ -218,15 +219,8 @@ class Migration(MigrationBase):
         self._t_end: float | None = None
         self.setup_time: int | None = None
         self.downtime: int | None = None
-        self.expected_downtime: int | None = None
         self.iterations = 0
-        self.mbps = 0.0
-        self.bandwidth = 0.0  # bytes per ms over the last window
-        self.threshold_size = 0
-        self.throttle_percentage = 0
-        #: the highest throttle auto-converge applied (the live value returns to 0 at the end)
-        self.max_throttle_percentage = 0
-        self._dirty_rate_high_cnt = 0
+        self.convergence = Convergence(lambda: self.config, lambda pct: self.guest.set_throttle(pct), self.log)
         self._final_stats: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ public API
@@ -292,7 +286,7 @@ class Migration(MigrationBase):
         if self.state == MigrationState.COMPLETED:
             st.downtime = self.downtime
         elif self.is_running():
-            st.expected_downtime = self.expected_downtime
+            st.expected_downtime = self.convergence.expected_downtime
         sections = self._final_stats if self._final_stats is not None else self.registry.query_stats()
         ram = sections.get("ram")
         if ram is not None:
@@ -302,13 +296,13 @@ class Migration(MigrationBase):
                 tt = max(st.total_time or 1, 1)
                 ram["mbps"] = round(ram["transferred"] * 8 / tt / 1000, 3)
             else:
-                ram["mbps"] = round(self.mbps, 3)
+                ram["mbps"] = round(self.convergence.mbps, 3)
             st.ram = ram
         st.xbzrle_cache = sections.get("xbzrle-cache")
         st.compression = sections.get("compression")
-        st.cpu_throttle_percentage = self.throttle_percentage
-        if self.max_throttle_percentage:
-            st.extra["cpu-throttle-percentage-max"] = self.max_throttle_percentage
+        st.cpu_throttle_percentage = self.convergence.throttle_percentage
+        if self.convergence.max_throttle_percentage:
+            st.extra["cpu-throttle-percentage-max"] = self.convergence.max_throttle_percentage
         st.iterations = self.iterations
         if self._f is not None:
             st.stream_bytes = self._f.pos
@@ -355,50 +349,32 @@ class Migration(MigrationBase):
         w = self._writer = StreamWriter(f, self.registry, cfg)
         self._apply_config(cfg)
         w.header()
-        w.setup(SaveContext(on_dirty_period=self._on_dirty_period, migration_id=self.id))
+        conv = self.convergence
+        w.setup(SaveContext(on_dirty_period=conv.dirty_period, migration_id=self.id))
         self._check_cancel()
         self.setup_time = int((time.monotonic() - self._t_start) * 1000)
         if not self._set_state(MigrationState.ACTIVE, MigrationState.SETUP):
             self._check_cancel()
         self.log.info("migration_setup_done", setup_time=self.setup_time)
-        window_start = time.monotonic()
-        window_bytes = f.pos
         # a max-bandwidth set after the stream was opened but before it was published in _f
         f.set_rate_limit(self.config.parameters.max_bandwidth)
         f.reset_rate_limit()
+        conv.start(f.pos)
         while True:
             self._check_cancel()
             f.check_error()
-            pending = w.pending(self.threshold_size)
-            if pending and pending >= self.threshold_size:
+            pending = w.pending(conv.threshold_size)
+            if conv.should_iterate(pending):
                 w.iterate()
                 self.iterations += 1
             else:
-                self.log.info("migration_completion", pending=pending, threshold=self.threshold_size,
-                         iterations=self.iterations)
+                self.log.info("migration_completion", pending=pending, threshold=conv.threshold_size,
+                              iterations=self.iterations)
                 self._complete(w, f)
                 return
-            # migration_rate_limit + migration_update_counters, once per loop.  Wait out the
-            # window first, so a window's bytes are counted before the next iterate fills the
-            # next window (counting after it measured up to two budgets per 100 ms: bandwidth
-            # and threshold_size doubled, and completion started with too much pending)
+            # migration_rate_limit + migration_update_counters, once per loop
             f.rate_limit_wait()
-            now = time.monotonic()
-            elapsed = now - window_start
-            if elapsed >= BUFFER_DELAY:
-                sent = f.pos - window_bytes
-                self.bandwidth = sent / (elapsed * 1000)
-                dl = self.config.parameters.downtime_limit
-                self.threshold_size = int(self.bandwidth * dl)
-                self.mbps = sent * 8 / elapsed / 1e6
-                remaining = pending
-                if self.bandwidth > 0:
-                    self.expected_downtime = int(remaining / self.bandwidth)
-                self.log.debug("migrate_transferred", bytes=sent, ms=round(elapsed * 1000, 1),
-                          bandwidth=round(self.bandwidth, 1), threshold=self.threshold_size,
-                          expected_downtime=self.expected_downtime)
-                window_start = now
-                window_bytes = f.pos
+            conv.update(f.pos, pending)
 
     def _complete(self, w: StreamWriter, f: QEMUFile) -> None:
         t0 = time.monotonic()
@@ -456,25 +432,6 @@ class Migration(MigrationBase):
             raise MigrationFailed("the destination read the whole stream but closed without confirming it "
                                   "took over; the source keeps running")
         # nothing at all: a peer without savevm's return path (e.g. QEMU) that closed after loading
-
-    def _on_dirty_period(self, dirty_bytes: int, xfer_bytes: int) -> None:
-        """QEMU's migration_trigger_throttle (auto-converge)."""
-        if not self.config.has("auto-converge"):
-            return
-        p = self.config.parameters
-        threshold = xfer_bytes * p.throttle_trigger_threshold / 100
-        if dirty_bytes > threshold:
-            self._dirty_rate_high_cnt += 1
-            if self._dirty_rate_high_cnt >= 2:
-                self._dirty_rate_high_cnt = 0
-                if self.throttle_percentage == 0:
-                    pct = p.cpu_throttle_initial
-                else:
-                    pct = min(self.throttle_percentage + p.cpu_throttle_increment, p.max_cpu_throttle)
-                self.throttle_percentage = pct
-                self.max_throttle_percentage = max(self.max_throttle_percentage, pct)
-                self.log.info("migration_throttle", percent=pct, dirty_bytes=dirty_bytes, xfer_bytes=xfer_bytes)
-                self.guest.set_throttle(pct)
 
     # ------------------------------------------------------------ endings
     def _peer_reason(self) -> str | None:
@@ -536,8 +493,7 @@ class Migration(MigrationBase):
     def _cleanup(self) -> None:
         if self._writer is not None:
             self._writer.cleanup()
-        if self.throttle_percentage:
-            self.throttle_percentage = 0
+        self.convergence.reset_throttle()
         try:
             self.guest.set_throttle(0)
         except Exception:

@@ -26,6 +26,12 @@ def test_ruff_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy is not installed (pip install -e '.[test]')")
+def test_mypy_clean() -> None:
+    r = subprocess.run(["mypy"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _library_files() -> list[Path]:
     return [p for d in LIBRARY for p in d.rglob("*.py")]
 

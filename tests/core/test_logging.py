@@ -93,7 +93,7 @@ def test_migration_throttle_event(events: LogCapture) -> None:
     seen: list[int] = []
     mig.guest = type("G", (NullGuest,), {"set_throttle": lambda self, p: seen.append(p)})()
     for _ in range(4):
-        mig._on_dirty_period(dirty_bytes=100, xfer_bytes=100)  # 100 > 50% of 100
+        mig.convergence.dirty_period(dirty_bytes=100, xfer_bytes=100)  # 100 > 50% of 100
     throttles = [e for e in events.entries if e["event"] == "migration_throttle"]
     assert [e["percent"] for e in throttles] == [20, 30] == seen
     threading.Event().wait(0)  # nothing left running: the migration was never started
