@@ -139,6 +139,10 @@ class MigrationParameters:
     announce_max: int = _p("announce-max", 550, "int", _in_range(1, 100_000))
     announce_rounds: int = _p("announce-rounds", 5, "int", _in_range(1, 1000))
     announce_step: int = _p("announce-step", 100, "int", _in_range(1, 10_000))
+    # savevm's own (x- like QEMU's experimental ones): named bounds on every wait, in ms
+    #: the source waits this long for LOADED and then RESUMED (or a QEMU's SHUT) after the stream;
+    #: the destination waits this long for GO once it has loaded
+    x_handover_timeout: int = _p("x-handover-timeout", 30_000, "int", _in_range(100, 3_600_000))
 
     @classmethod
     def names(cls) -> dict[str, attrs.Attribute]:

@@ -9,7 +9,6 @@ EOF, so a failed load leaves the destination's devices untouched.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
     from savevm.config import MigrationConfig
     from savevm.qemufile import QEMUFile
     from savevm.registry import SectionEntry, SectionRegistry
+    from savevm.return_path import DestReturnPath
 
 log = get_logger("savevm.load")
 
@@ -65,10 +65,11 @@ class StreamLoader:
 
     def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
                  *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None,
-                 on_eof: Callable[[], None] | None = None) -> None:
+                 return_path: DestReturnPath | None = None) -> None:
         self.f = f
-        #: called when the EOF byte is read (the Incoming side tells the source it got everything)
-        self.on_eof = on_eof
+        #: the destination's return path (a live migration over a socket): OPEN_RETURN_PATH opens
+        #: it, each PING is answered on it, and a savevm source's handover follows the stream
+        self.return_path = return_path
         #: device sizes from a vmdesc read ahead of time, to skip devices we do not model
         self._skip_sizes = device_sizes(vmdesc) if vmdesc else {}
         self.registry = registry
@@ -187,8 +188,6 @@ class StreamLoader:
                 self._part_end(SectionType(t), off)
             elif t == SectionType.EOF:
                 log.debug("qemu_loadvm_state_section", type="EOF")
-                if self.on_eof is not None:
-                    self.on_eof()
                 return
             elif t == SectionType.COMMAND:
                 self._command(off)
@@ -291,13 +290,24 @@ class StreamLoader:
         if want >= 0 and length != want:
             raise CorruptStreamError(f"command {c.name} has length {length}, expected {want}", off)
         data = f.get_bytes(length, limit=0xFFFF)
-        if c in (Command.OPEN_RETURN_PATH, Command.PING):
-            log.debug("loadvm_process_command", cmd=c.name, data=data.hex())
+        rp = self.return_path
+        if c == Command.OPEN_RETURN_PATH:
+            log.debug("loadvm_process_command", cmd=c.name)
+            if rp is not None:
+                rp.on_open()
+            return
+        if c == Command.PING:
+            value = int.from_bytes(data, "big")
+            log.debug("loadvm_process_command", cmd=c.name, value=value)
+            if rp is not None:
+                rp.on_ping(value)
             return
         raise CorruptStreamError(f"command {c.name} (postcopy/COLO) is not supported by savevm", off)
 
     def trailer(self) -> None:
         f = self.f
+        if self.return_path is not None and self.return_path.negotiated and not self.config.send_vmdesc:
+            return  # nothing follows EOF until the handover, which waits for us: do not peek
         nxt = f.peek_byte()
         if nxt is None:
             return
@@ -314,6 +324,8 @@ class StreamLoader:
                 raise CorruptStreamError(f"vmdesc is not valid JSON: {exc}", off + 5) from exc
         else:
             raise TrailingDataError(f"unexpected byte 0x{nxt:02x} after EOF (expected vmdesc or end)", off)
+        if self.return_path is not None and self.return_path.negotiated:
+            return  # a savevm source's handover (GO / ABORT) follows; the caller reads it
         if self.require_eof and f.peek_byte() is not None:
             raise TrailingDataError("trailing data after the vmdesc", f.pos)
 

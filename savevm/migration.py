@@ -2,27 +2,33 @@
 
 :class:`Migration` is QEMU's ``migration_thread``: set up every live
 section, then iterate while the program keeps running, measuring bandwidth
-over 100 ms windows; once what is pending fits in ``bandwidth ×
-downtime-limit`` it pauses the program, completes live sections, sends the
-devices and EOF, and waits for the destination to say it resumed.
+over 100 ms windows (:mod:`savevm.convergence`); once what is pending fits in
+``bandwidth × downtime-limit`` it pauses the program, completes live
+sections, sends the devices, EOF and the vmdesc, and hands over.
 
 :class:`Incoming` is ``process_incoming_migration``: accept one stream,
-load it strictly, and only then resume the program and acknowledge.
+load it strictly, and run the program only when the handover says so.
 
-The return path is a few bytes on the same socket (savevm's; QEMU has
-none in plain precopy): ``0x02`` when the destination has read the EOF
-byte, then ``0x01`` once it has committed and resumed, or ``0x00`` + a
-UTF-8 reason when it refused the stream.  A peer that closes without
-saying anything (a real QEMU) counts as done; one that said ``0x02`` and
-then closed without ``0x01`` died while taking over, and the migration
-fails so the source resumes.  One-way channels (file, exec, fd) end when
-the last byte is written.
+The handover, over the return path (:mod:`savevm.return_path`):
+
+* savevm to savevm: the destination reports LOADED and waits; the source
+  says GO; the destination resumes and reports RESUMED.  Before GO the
+  source resumes its own copy on any failure (the destination will not
+  run); after GO it never does on its own: if RESUMED does not come, the
+  outcome is unknown and the source stays paused (``handover-uncertain``).
+  A destination that never hears GO stays paused and says so.
+* to a QEMU destination: it answers SHUT(0) once loaded; the source then
+  completes and stays paused, as QEMU's ``postmigrate``, until an explicit
+  :meth:`Migration.resume`.
+* one-way channels (file, exec, fd) end when the last byte is written; the
+  source program stays paused.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+import socket
 import threading
 import time
 import uuid
@@ -34,12 +40,30 @@ from savevm.channels import listen as listen_uri
 from savevm.channels import open_channel
 from savevm.config import MigrationConfig
 from savevm.convergence import Convergence
-from savevm.errors import ChannelError, MigrationCancelled, MigrationError, MigrationFailed
+from savevm.errors import (
+    ChannelError,
+    CorruptStreamError,
+    MigrationCancelled,
+    MigrationError,
+    MigrationFailed,
+    TruncatedStreamError,
+)
+from savevm.format import Command
 from savevm.guest import Guest, NullGuest
 from savevm.handlers import SaveContext
 from savevm.load import StreamLoader
 from savevm.logging import get_logger
 from savevm.qemufile import QEMUFile
+from savevm.return_path import (
+    MAX_LEN,
+    NEGOTIATE_PING,
+    DestReturnPath,
+    RPMessage,
+    SourceReturnPath,
+    check_message,
+    encode_json,
+    frame,
+)
 from savevm.save import StreamWriter
 from savevm.stats import MigrationStats
 
@@ -50,12 +74,6 @@ if TYPE_CHECKING:
 
 log = get_logger("savevm.migration")
 
-ACK_OK = b"\x01"
-ACK_FAIL = b"\x00"
-#: the destination has read the whole stream (sent before committing)
-RP_GOT_EOF = b"\x02"
-#: How long the source waits for the destination's acknowledgement.
-ACK_TIMEOUT = 60.0
 
 
 class MigrationState(enum.StrEnum):
@@ -71,6 +89,27 @@ class MigrationState(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class RunState(enum.StrEnum):
+    """The migrated program's run state, with QEMU's names (``query-status``)."""
+
+    RUNNING = "running"
+    #: destination: waiting for the stream, or loaded and waiting for the source's go
+    INMIGRATE = "inmigrate"
+    #: source: paused for the final pass
+    FINISH_MIGRATE = "finish-migrate"
+    #: source: the state was handed over; the program stays paused until resumed explicitly
+    POSTMIGRATE = "postmigrate"
+    PAUSED = "paused"
+
+
+class HandoverUncertain(MigrationFailed):
+    """The source said GO but never heard that the destination runs: either may hold the program.
+
+    The source therefore stays paused; resume it (:meth:`Migration.resume`)
+    only once the destination is known not to run.
+    """
+
+
 RUNNING_STATES = frozenset({MigrationState.SETUP, MigrationState.ACTIVE, MigrationState.DEVICE,
                             MigrationState.CANCELLING})
 _ALLOWED = {
@@ -83,6 +122,12 @@ _ALLOWED = {
     MigrationState.DEVICE: {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLING},
     MigrationState.CANCELLING: {MigrationState.CANCELLED, MigrationState.FAILED},
 }
+
+
+def _socket_of(channel: Channel | None) -> socket.socket | None:
+    """The socket under a channel that can carry a return path (tcp, unix, rdma), else None."""
+    sock = getattr(channel, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 class MigrationBase(abc.ABC):
@@ -214,6 +259,13 @@ class Migration(MigrationBase):
         self._cancel = threading.Event()
         self._params_lock = threading.Lock()
         self._paused = False
+        #: the return path, when the channel can carry one (a socket)
+        self._rp: SourceReturnPath | None = None
+        #: GO was (possibly) sent: from here the source never resumes on its own
+        self._go_sent = False
+        self.runstate = RunState.RUNNING
+        #: which named bound ended the migration, if one did (e.g. "x-handover-timeout")
+        self.bound_fired: str | None = None
         # timing and counters (ms unless named otherwise)
         self._t_start = 0.0
         self._t_end: float | None = None
@@ -245,6 +297,9 @@ class Migration(MigrationBase):
         """Cancel from any thread; the program is resumed if it was paused."""
         if self._done.is_set():
             return
+        if self._go_sent:
+            self.log.warning("migrate_cancel_too_late", reason="GO was sent: the destination owns the state")
+            return
         if not self._set_state(MigrationState.CANCELLING):
             return
         self._cancel.set()
@@ -254,6 +309,21 @@ class Migration(MigrationBase):
             shut()  # unblock a write stuck in the kernel
         if self._thread is None:
             self._finish_cancel()
+
+    def resume(self) -> None:
+        """Run the source program again after it was left paused (QMP ``cont``).
+
+        After a completed migration to a peer that holds the state (QEMU's
+        ``postmigrate``), or after an uncertain handover, only the operator
+        knows whether the destination runs; this is their explicit choice.
+        """
+        if self.is_running():
+            raise MigrationError(f"cannot resume the source while the migration is {self.state}")
+        if self._paused:
+            self._paused = False
+            self.guest.resume()
+            self.runstate = RunState.RUNNING
+            self.log.info("vm_resume", reason="explicit")
 
     def set_parameter(self, name: str, value: Any) -> None:
         """Change a parameter while running (``max-bandwidth``, ``downtime-limit``, ...)."""
@@ -306,6 +376,9 @@ class Migration(MigrationBase):
         st.iterations = self.iterations
         if self._f is not None:
             st.stream_bytes = self._f.pos
+        st.extra["runstate"] = self.runstate.value
+        if self.bound_fired is not None:
+            st.extra["bound-fired"] = self.bound_fired
         if self.error is not None:
             st.error_desc = str(self.error)
         if self.plugins is not None:
@@ -314,8 +387,8 @@ class Migration(MigrationBase):
             known = set(MigrationStats().as_qmp()) | {"total-time", "expected-downtime", "downtime", "setup-time",
                                                      "ram", "xbzrle-cache", "compression",
                                                      "cpu-throttle-percentage", "error-desc", "iterations",
-                                                     "stream-bytes"}
-            st.extra = {k: v for k, v in info.items() if k not in known}
+                                                     "stream-bytes", "runstate", "bound-fired"}
+            st.extra.update({k: v for k, v in info.items() if k not in known})
         return st
 
     # ------------------------------------------------------------ the thread
@@ -324,7 +397,7 @@ class Migration(MigrationBase):
         try:
             self._migrate()
         except BaseException as exc:  # every ending is recorded, with its cause
-            if self._cancel.is_set() and self.state == MigrationState.CANCELLING:
+            if self._cancel.is_set() and self.state == MigrationState.CANCELLING and not self._go_sent:
                 self._finish_cancel()
             else:
                 self._fail(exc)
@@ -349,6 +422,7 @@ class Migration(MigrationBase):
         w = self._writer = StreamWriter(f, self.registry, cfg)
         self._apply_config(cfg)
         w.header()
+        self._open_return_path(w, f)
         conv = self.convergence
         w.setup(SaveContext(on_dirty_period=conv.dirty_period, migration_id=self.id))
         self._check_cancel()
@@ -376,101 +450,136 @@ class Migration(MigrationBase):
             f.rate_limit_wait()
             conv.update(f.pos, pending)
 
+    def _open_return_path(self, w: StreamWriter, f: QEMUFile) -> None:
+        """OPEN_RETURN_PATH and the negotiation PING, as QEMU sends them, on a channel that can answer."""
+        sock = _socket_of(self._channel)
+        if sock is None:
+            return
+        w.command(Command.OPEN_RETURN_PATH, b"")
+        w.command(Command.PING, NEGOTIATE_PING.to_bytes(4, "big"))
+        f.flush()
+        f.check_error()
+        self._rp = SourceReturnPath(sock, self._cancel)
+        self._rp.start()
+
     def _complete(self, w: StreamWriter, f: QEMUFile) -> None:
         t0 = time.monotonic()
         self._set_state(MigrationState.DEVICE, MigrationState.ACTIVE)
         self.guest.pause()
         self._paused = True
+        self.runstate = RunState.FINISH_MIGRATE
         self._check_cancel()
         f.set_rate_limit(0)
         w.complete_precopy()
         f.flush()
         f.check_error()
         self._final_stats = self.registry.query_stats()
-        # from here the destination may already own the state: cancel is too late
-        self._wait_ack()
+        self._handover(f)
         self.downtime = int((time.monotonic() - t0) * 1000)
-        if self._cancel.is_set():
-            self.log.warning("migrate_cancel_too_late", reason="stream complete; destination owns the state")
         with self._state_lock:
             if self._state == MigrationState.CANCELLING:
+                self.log.warning("migrate_cancel_too_late", reason="the destination owns the state")
                 self._state = MigrationState.DEVICE
+        self.runstate = RunState.POSTMIGRATE
         self._set_state(MigrationState.COMPLETED)
         self.log.info("migration_completed", downtime=self.downtime, iterations=self.iterations,
-                 bytes=f.pos, total_time=int((time.monotonic() - self._t_start) * 1000))
+                      bytes=f.pos, total_time=int((time.monotonic() - self._t_start) * 1000))
 
-    def _wait_ack(self) -> None:
-        ch = self._channel
-        sock = getattr(ch, "sock", None)
-        if sock is None:
-            return  # one-way channel: done once written
-        import socket as _s
+    def _handover(self, f: QEMUFile) -> None:
+        """After the whole stream: make sure exactly one side runs the program."""
+        rp = self._rp
+        if rp is None:
+            return  # one-way channel: done once written; the program stays paused
+        timeout = self.config.parameters.x_handover_timeout / 1000
+        rp.wait(lambda: rp.savevm_peer is not None or rp.shut is not None or rp.refused is not None, timeout)
+        if rp.savevm_peer:
+            self._handover_savevm(f, rp, timeout)
+        else:
+            self._handover_qemu(rp, timeout)
 
-        try:
-            sock.shutdown(_s.SHUT_WR)
-        except OSError:
-            return
-        sock.settimeout(ACK_TIMEOUT)
-        data = b""
-        try:
-            while True:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-                body = data.lstrip(RP_GOT_EOF)
-                if body[:1] == ACK_OK:
-                    return
-        except TimeoutError as exc:
-            raise MigrationFailed(f"no acknowledgement from the destination within {ACK_TIMEOUT}s") from exc
-        except OSError as exc:
-            raise ChannelError(f"waiting for the destination's acknowledgement failed: {exc}") from exc
-        body = data.lstrip(RP_GOT_EOF)
-        if body[:1] == ACK_FAIL:
-            raise MigrationFailed(f"destination refused the stream: {body[1:].decode(errors='replace')}")
-        if data.startswith(RP_GOT_EOF):
-            raise MigrationFailed("the destination read the whole stream but closed without confirming it "
-                                  "took over; the source keeps running")
-        # nothing at all: a peer without savevm's return path (e.g. QEMU) that closed after loading
+    def _handover_savevm(self, f: QEMUFile, rp: SourceReturnPath, timeout: float) -> None:
+        got = rp.wait(lambda: rp.loaded is not None or rp.refused is not None, timeout)
+        if rp.refused is not None:
+            raise MigrationFailed(f"destination refused the stream: {rp.refused}")
+        if not got:
+            self._check_cancel()
+            if not rp.closed:
+                self.bound_fired = "x-handover-timeout"
+            raise MigrationFailed(
+                f"the destination did not report the stream loaded within {timeout:g}s "
+                f"({'connection closed' if rp.closed else 'x-handover-timeout'}); it never got the go, "
+                "so the source keeps the program")
+        if self._cancel.is_set():
+            raise MigrationCancelled("migration cancelled before the handover")
+        self._go_sent = True  # from the first byte of GO on, the destination may run
+        f.put_buffer(frame(RPMessage.GO))
+        f.flush()
+        if f.get_error() is not None:
+            raise HandoverUncertain(f"sending GO failed ({f.get_error()}); the destination may or may not run: "
+                                    "the source program stays paused")
+        if not rp.wait(lambda: rp.resumed, timeout):
+            if not rp.closed:
+                self.bound_fired = "x-handover-timeout"
+            raise HandoverUncertain(
+                f"GO was sent but the destination did not confirm it runs within {timeout:g}s "
+                f"({'connection closed' if rp.closed else 'x-handover-timeout'}); the source program stays "
+                "paused: resume it only if the destination is known not to run")
+
+    def _handover_qemu(self, rp: SourceReturnPath, timeout: float) -> None:
+        """A QEMU destination answers SHUT(0) once loaded (and started), SHUT(1) on failure."""
+        self._go_sent = True  # QEMU starts on its own once loaded: the handover is out of our hands
+        if not rp.wait(lambda: rp.shut is not None, timeout):
+            if not rp.closed:
+                self.bound_fired = "x-handover-timeout"
+            raise HandoverUncertain(
+                f"the destination sent no SHUT within {timeout:g}s after the stream; it may be running: "
+                "the source program stays paused")
+        if rp.shut != 0:
+            self._go_sent = False  # it failed to load, so it will not run: safe to resume ours
+            raise MigrationFailed(f"the destination failed to load the stream (return path SHUT {rp.shut})")
 
     # ------------------------------------------------------------ endings
-    def _peer_reason(self) -> str | None:
-        """After a write error, the destination may have said why it refused."""
-        sock = getattr(self._channel, "sock", None)
-        if sock is None:
-            return None
-        try:
-            sock.settimeout(0.2)
-            data = sock.recv(4096)
-        except OSError:
-            return None
-        data = data.lstrip(RP_GOT_EOF)
-        if data[:1] == ACK_FAIL and len(data) > 1:
-            return data[1:].decode(errors="replace")
-        return None
-
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, MigrationError):
             err: MigrationError = exc
         else:
             err = MigrationFailed(f"migration failed: {exc!r}")
             err.__cause__ = exc
-        if isinstance(exc, ChannelError):
-            reason = self._peer_reason()
-            if reason:
-                err = MigrationFailed(f"destination refused the stream: {reason}")
+        rp = self._rp
+        if isinstance(exc, ChannelError) and rp is not None:
+            rp.wait(lambda: rp.refused is not None, 0.5)  # the destination may have said why
+            if rp.refused:
+                err = MigrationFailed(f"destination refused the stream: {rp.refused}")
                 err.__cause__ = exc
         self.error = err
         self.log.error("migrate_fd_error", error=str(err))
         self._abort_sections()
-        self._resume_guest()
+        if self._go_sent:
+            # the destination may run the program: resuming ours could make two
+            self.runstate = RunState.POSTMIGRATE
+            self.log.error("migration_handover_uncertain", error=str(err))
+        else:
+            self._send_abort(str(err))
+            self._resume_guest()
         with self._state_lock:
             if self._state == MigrationState.CANCELLING:
                 self._state = MigrationState.ACTIVE  # a failure while cancelling is still a failure
         self._set_state(MigrationState.FAILED)
 
+    def _send_abort(self, reason: str) -> None:
+        """Tell a savevm destination waiting for GO not to run (best effort: it stays paused anyway)."""
+        rp, f = self._rp, self._f
+        if rp is None or not rp.savevm_peer or f is None or f.get_error() is not None:
+            return
+        try:
+            f.put_buffer(frame(RPMessage.ABORT, reason.encode()[:1000]))
+            f.flush()
+        except Exception:
+            self.log.debug("migration_abort_not_sent")
+
     def _finish_cancel(self) -> None:
         self.error = MigrationCancelled("migration cancelled by the user")
+        self._send_abort("cancelled by the user")
         self._abort_sections()
         self._resume_guest()
         self._set_state(MigrationState.CANCELLED, MigrationState.CANCELLING)
@@ -485,6 +594,7 @@ class Migration(MigrationBase):
     def _resume_guest(self) -> None:
         if self._paused:
             self._paused = False
+            self.runstate = RunState.RUNNING
             try:
                 self.guest.resume()
             except Exception:
@@ -505,6 +615,8 @@ class Migration(MigrationBase):
             except Exception as exc:  # exec: a failing command is a failed migration
                 if self.state == MigrationState.COMPLETED:
                     self.log.warning("channel_close_failed", error=str(exc))
+        if self._rp is not None:
+            self._rp.join()
         self._done.set()
 
 
@@ -521,6 +633,9 @@ class Incoming(MigrationBase):
         self._f: QEMUFile | None = None
         self.bytes_loaded = 0
         self.accept_timeout: float | None = None
+        self._rp: DestReturnPath | None = None
+        self.runstate = RunState.INMIGRATE
+        self.bound_fired: str | None = None
         #: a vmdesc describing device sections this side does not model (e.g. a real QEMU
         #: source's CPUs and chipset), so they are skipped by size instead of refused
         self.vmdesc: dict[str, Any] | None = None
@@ -564,6 +679,9 @@ class Incoming(MigrationBase):
         st.ram = self.registry.query_stats().get("ram")
         if self.error is not None:
             st.error_desc = str(self.error)
+        st.extra["runstate"] = self.runstate.value
+        if self.bound_fired is not None:
+            st.extra["bound-fired"] = self.bound_fired
         return st
 
     def _thread_main(self) -> None:
@@ -589,27 +707,50 @@ class Incoming(MigrationBase):
             self._channel = self._listener.accept(self.accept_timeout)
         self._t_start = time.monotonic()
         self._set_state(MigrationState.ACTIVE)
-        sock = getattr(self._channel, "sock", None)
+        sock = _socket_of(self._channel)
         if sock is not None and self.accept_timeout is not None:
             # a source that goes silent this long is gone: fail instead of waiting forever
             sock.settimeout(self.accept_timeout)
+        rp = self._rp = DestReturnPath(sock) if sock is not None else None
         f = self._f = QEMUFile(self._channel)
-        StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc,
-                     on_eof=lambda: self._send(RP_GOT_EOF)).load()
+        StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc, return_path=rp).load()
         self.bytes_loaded = f.pos
+        if rp is not None and rp.negotiated:
+            rp.send(RPMessage.LOADED, encode_json({"bytes": f.pos}))
+            self._await_go(f, sock)
         self.guest.resume()
-        self._send(ACK_OK)
+        self.runstate = RunState.RUNNING
+        if rp is not None:
+            rp.send(RPMessage.RESUMED)
+            rp.shut(0)
         self._set_state(MigrationState.COMPLETED)
         self.log.info("migration_incoming_completed", bytes=f.pos)
 
-    def _send(self, data: bytes) -> None:
-        sock = getattr(self._channel, "sock", None)
-        if sock is None:
-            return
+    def _await_go(self, f: QEMUFile, sock: socket.socket | None) -> None:
+        """Loaded: wait for the source's GO (or ABORT); without it the program never runs here."""
+        timeout = self.config.parameters.x_handover_timeout / 1000
+        if sock is not None:
+            sock.settimeout(timeout)
+        off = f.pos
         try:
-            sock.sendall(data)
-        except OSError as exc:
-            self.log.warning("incoming_ack_failed", error=str(exc))
+            kind = f.get_be16()
+            length = f.get_be16()
+            t = check_message(kind, length, extensions=True, offset=off)
+            body = f.get_bytes(length, limit=MAX_LEN)
+        except TruncatedStreamError as exc:
+            raise MigrationFailed("the source closed the connection without saying go: the program stays "
+                                  "paused here (the source keeps or resumes it)") from exc
+        except ChannelError as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                self.bound_fired = "x-handover-timeout"
+                raise MigrationFailed(f"no go from the source within {timeout:g}s (x-handover-timeout): the "
+                                      "program stays paused here") from exc
+            raise
+        if t == RPMessage.ABORT:
+            raise MigrationFailed(f"the source aborted the handover: {body.decode(errors='replace')}; the "
+                                  "program stays paused here")
+        if t != RPMessage.GO:
+            raise CorruptStreamError(f"expected GO or ABORT after the stream, found {t.name}", off)
 
     def _fail(self, exc: BaseException) -> None:
         if getattr(self, "_cancelled", False) and not isinstance(exc, MigrationCancelled):
@@ -622,8 +763,11 @@ class Incoming(MigrationBase):
             err.__cause__ = exc
         self.error = err
         self.log.error("load_migration_failed", error=str(err))
-        self._send(ACK_FAIL + str(err).encode()[:4000])
+        rp = self._rp
+        if rp is not None:
+            rp.send(RPMessage.REFUSED, str(err).encode()[:4000])
+            rp.shut(1)
         self._set_state(MigrationState.FAILED)
 
 
-__all__ = ["Incoming", "Migration", "MigrationBase", "MigrationState"]
+__all__ = ["HandoverUncertain", "Incoming", "Migration", "MigrationBase", "MigrationState", "RunState"]

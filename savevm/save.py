@@ -17,6 +17,7 @@ from savevm.format import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     TARGET_PAGE_SIZE,
+    Command,
     SectionType,
 )
 from savevm.handlers import SaveContext
@@ -74,6 +75,14 @@ class StreamWriter:
             f.put_be32(len(name))
             f.put_buffer(name)
         log.debug("savevm_state_header", machine=self.config.machine)
+
+    def command(self, cmd: Command, data: bytes) -> None:
+        """A QEMU_VM_COMMAND record (OPEN_RETURN_PATH, PING): ``0x08 | be16 cmd | be16 len | data``."""
+        f = self.f
+        f.put_byte(SectionType.COMMAND)
+        f.put_be16(cmd)
+        f.put_be16(len(data))
+        f.put_buffer(data)
 
     def setup(self, ctx: SaveContext | None = None) -> None:
         """START section of every active live section (``qemu_savevm_state_setup``)."""
