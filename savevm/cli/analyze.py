@@ -19,9 +19,9 @@ from savevm.channels.fd import FdChannel
 from savevm.config import MigrationConfig
 from savevm.errors import CorruptStreamError, MigrationError
 from savevm.format import QEMU_VM_FILE_MAGIC, SectionType
-from savevm.load import read_vmdesc
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
+from savevm.vmdesc import read_vmdesc
 
 
 def _peek_header(path: str) -> tuple[str, list[tuple[str, int]]]:

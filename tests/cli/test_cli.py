@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import savevm_ram
 
 import savevm
@@ -89,3 +90,23 @@ def test_bench_command(capsys: object) -> None:
     whats = [r["what"] for r in rep["rows"]]
     assert any("random pages" in w for w in whats) and any("XBZRLE decode" in w for w in whats)
     assert all(r["GB/s"] > 0 and r["baseline GB/s"] > 0 for r in rep["rows"])
+
+
+def test_vmdesc_arg_reads_json_or_stream(tmp_path: Path) -> None:
+    from savevm.cli.commands import _read_vmdesc_arg
+    from savevm.errors import ConfigError
+
+    stream = tmp_path / "s.qevm"
+    _snapshot(stream)
+    desc = _read_vmdesc_arg(str(stream))
+    assert [d["name"] for d in desc["devices"]] == ["demo-device"]
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(desc))
+    assert _read_vmdesc_arg(str(js)) == desc
+    for bad in (b"{not json", b"[1]"):
+        js.write_bytes(bad)
+        with pytest.raises(ConfigError, match="--vmdesc"):
+            _read_vmdesc_arg(str(js))
+    js.write_bytes(b"not a stream")
+    with pytest.raises(ConfigError, match="holds no vmdesc"):
+        _read_vmdesc_arg(str(js))
