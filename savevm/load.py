@@ -63,8 +63,12 @@ class StreamLoader:
 
     def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
                  *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None,
-                 on_eof: Callable[[], None] | None = None) -> None:
+                 on_eof: Callable[[], None] | None = None, any_machine: bool = False) -> None:
         self.f = f
+        #: accept whatever machine the configuration record names (a tool reading a file,
+        #: e.g. ``savevm analyze``); a migration must stay strict, since state saved for
+        #: one machine type does not fit another
+        self.any_machine = any_machine
         #: called when the EOF byte is read (the Incoming side tells the source it got everything)
         self.on_eof = on_eof
         #: device sizes from a vmdesc read ahead of time, to skip devices we do not model
@@ -127,7 +131,7 @@ class StreamLoader:
             raise CorruptStreamError(f"machine name length {n} exceeds {MAX_MACHINE_NAME}", off)
         name = f.get_bytes(n, limit=MAX_MACHINE_NAME).decode(errors="replace")
         self.result.machine = name
-        if name != self.config.machine:
+        if name != self.config.machine and not self.any_machine:
             raise ConfigurationMismatchError(
                 f"machine type mismatch: stream is for {name!r}, this side is {self.config.machine!r}", off)
         # subsections of the configuration record (qemu-format.md 1.3)
