@@ -1,6 +1,6 @@
 """The VM description (vmdesc): the JSON a stream carries after its EOF byte.
 
-A stream with a vmdesc ends with exactly (qemu-format.md 1.5)::
+A stream with a vmdesc ends with exactly (as QEMU 7.2's savevm.c writes it)::
 
     ... | 0x00 (EOF) | 0x06 (VMDESCRIPTION) | be32 len | len bytes of JSON
 
@@ -205,7 +205,7 @@ def _desc_size(desc: Any) -> int:
         if not isinstance(sub, dict):
             raise CorruptStreamError(f"vmdesc: subsection {sub!r} is not an object")
         name = str(sub.get("vmsd_name", ""))
-        # 0x05, u8 name length, name, be32 version (qemu-format.md 1.6)
+        # each sent subsection: 0x05, u8 name length, name, be32 version, then its fields
         total += 1 + 1 + len(name.encode()) + 4 + _desc_size(sub)
     return total
 

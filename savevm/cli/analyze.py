@@ -30,7 +30,7 @@ from savevm.vmdesc import read_vmdesc
 
 #: RAM the stream may make us create, in all (zeroed, lazily committed memory).
 MAX_ANALYZE_RAM = 64 << 30
-#: The RAM section's idstr and version (qemu-format.md 3), for when the plugin is missing.
+#: The RAM section's idstr and version (QEMU's ram_mig_init), for when the plugin is missing.
 _RAM_IDSTR = "ram"
 _RAM_VERSION = 4
 _RAM_PLUGIN_NEEDED = "the RAM plugin (savevm-ram) is needed to analyze RAM sections: pip install -e plugins/ram"
