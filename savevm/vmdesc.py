@@ -44,8 +44,9 @@ _HEAD = 5
 def vmdesc_json(desc: dict[str, Any]) -> bytes:
     """JSON in the shape of QEMU's compact JSONWriter (``", "`` and ``": "``).
 
-    ``ensure_ascii`` escapes every byte below 0x20, as QEMU's writer does;
-    :func:`find_vmdesc` relies on it.
+    Like QEMU's writer, it escapes every character below 0x20 (``json``
+    always does) and every non-ASCII one (``ensure_ascii``); :func:`find_vmdesc`
+    relies on the first.
     """
     return json.dumps(desc, separators=(", ", ": "), ensure_ascii=True).encode()
 
