@@ -8,7 +8,6 @@ EOF, so a failed load leaves the destination's devices untouched.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,6 +32,7 @@ from savevm.format import (
     SectionType,
 )
 from savevm.logging import get_logger
+from savevm.vmdesc import MAX_VMDESC, device_sizes, parse_vmdesc
 
 if TYPE_CHECKING:
     from savevm.config import MigrationConfig
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 log = get_logger("savevm.load")
 
-#: Bound on the vmdesc JSON we are willing to read.
-MAX_VMDESC = 64 << 20
 #: Bound on the machine name in the configuration record.
 MAX_MACHINE_NAME = 256
 
@@ -65,8 +63,12 @@ class StreamLoader:
 
     def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
                  *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None,
-                 return_path: DestReturnPath | None = None) -> None:
+                 return_path: DestReturnPath | None = None, any_machine: bool = False) -> None:
         self.f = f
+        #: accept whatever machine the configuration record names (a tool reading a file,
+        #: e.g. ``savevm analyze``); a migration must stay strict, since state saved for
+        #: one machine type does not fit another
+        self.any_machine = any_machine
         #: the destination's return path (a live migration over a socket): OPEN_RETURN_PATH opens
         #: it, each PING is answered on it, and a savevm source's handover follows the stream
         self.return_path = return_path
@@ -130,7 +132,7 @@ class StreamLoader:
             raise CorruptStreamError(f"machine name length {n} exceeds {MAX_MACHINE_NAME}", off)
         name = f.get_bytes(n, limit=MAX_MACHINE_NAME).decode(errors="replace")
         self.result.machine = name
-        if name != self.config.machine:
+        if name != self.config.machine and not self.any_machine:
             raise ConfigurationMismatchError(
                 f"machine type mismatch: stream is for {name!r}, this side is {self.config.machine!r}", off)
         # subsections of the configuration record (qemu-format.md 1.3)
@@ -318,10 +320,7 @@ class StreamLoader:
             if n > MAX_VMDESC:
                 raise CorruptStreamError(f"vmdesc length {n} exceeds {MAX_VMDESC}", off + 1)
             raw = f.get_bytes(n, limit=MAX_VMDESC)
-            try:
-                self.result.vmdesc = json.loads(raw)
-            except ValueError as exc:
-                raise CorruptStreamError(f"vmdesc is not valid JSON: {exc}", off + 5) from exc
+            self.result.vmdesc = parse_vmdesc(raw, off + 5)
         else:
             raise TrailingDataError(f"unexpected byte 0x{nxt:02x} after EOF (expected vmdesc or end)", off)
         if self.return_path is not None and self.return_path.negotiated:
@@ -358,55 +357,10 @@ def load_stream(f: QEMUFile, registry: SectionRegistry, config: MigrationConfig 
                 *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None) -> LoadResult:
     """Load a complete stream into the registry's sections.
 
-    With ``vmdesc`` (see :func:`read_vmdesc`), FULL device sections that are
+    With ``vmdesc`` (see :func:`savevm.vmdesc.read_vmdesc`), FULL device sections that are
     not registered but described there are skipped instead of rejected.
     """
     return StreamLoader(f, registry, config, require_eof=require_eof, vmdesc=vmdesc).load()
 
 
-def _field_size(fd: dict[str, Any]) -> int:
-    n = int(fd.get("size", 0))
-    return n * int(fd.get("array_len", 1))
-
-
-def _desc_size(desc: dict[str, Any]) -> int:
-    total = sum(_field_size(fd) for fd in desc.get("fields", []))
-    for sub in desc.get("subsections", []):
-        name = str(sub.get("vmsd_name", ""))
-        total += 1 + 1 + len(name.encode()) + 4 + _desc_size(sub)
-    return total
-
-
-def device_sizes(vmdesc: dict[str, Any]) -> dict[tuple[str, int], int]:
-    """(idstr, instance_id) -> bytes of its FULL section body, from a vmdesc."""
-    out: dict[tuple[str, int], int] = {}
-    for dev in vmdesc.get("devices", []):
-        out[(str(dev["name"]), int(dev["instance_id"]))] = _desc_size(dev)
-    return out
-
-
-def read_vmdesc(path: str) -> dict[str, Any] | None:
-    """Find the vmdesc at the end of a stream file, as analyze-migration.py does.
-
-    Reads the last 10 MiB, takes the first ``{`` after the last NUL byte and
-    checks that a 0x06 byte and a be32 length precede it.
-    """
-    import os
-
-    with open(path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        start = max(0, size - (10 << 20))
-        fh.seek(start)
-        tail = fh.read()
-    nul = tail.rfind(b"\x00")
-    brace = tail.find(b"{", nul + 1 if nul >= 0 else 0)
-    if brace < 5 or tail[brace - 5] != SectionType.VMDESCRIPTION:
-        return None
-    length = int.from_bytes(tail[brace - 4 : brace], "big")
-    try:
-        return json.loads(tail[brace : brace + length])
-    except ValueError:
-        return None
-
-
-__all__ = ["LoadResult", "StreamLoader", "TARGET_PAGE_BITS", "device_sizes", "load_stream", "read_vmdesc"]
+__all__ = ["LoadResult", "StreamLoader", "TARGET_PAGE_BITS", "load_stream"]

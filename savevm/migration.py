@@ -460,6 +460,7 @@ class Migration(MigrationBase):
         f.flush()
         f.check_error()
         self._rp = SourceReturnPath(sock, self._cancel)
+        f.return_path = self._rp
         self._rp.start()
 
     def _complete(self, w: StreamWriter, f: QEMUFile) -> None:
@@ -713,6 +714,7 @@ class Incoming(MigrationBase):
             sock.settimeout(self.accept_timeout)
         rp = self._rp = DestReturnPath(sock) if sock is not None else None
         f = self._f = QEMUFile(self._channel)
+        f.return_path = rp
         StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc, return_path=rp).load()
         self.bytes_loaded = f.pos
         if rp is not None and rp.negotiated:

@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from savevm.errors import ChannelError, CorruptStreamError, MigrationError, TruncatedStreamError
 
@@ -61,6 +61,9 @@ class QEMUFile:
     def __init__(self, channel: Channel, *, writable: bool = False, rate_limit: int = 0) -> None:
         self.channel = channel
         self.writable = writable
+        #: the migration's return path, when it has one (QEMU's qemu_file_get_return_path): a
+        #: ``SourceReturnPath`` on the source's stream, a ``DestReturnPath`` on the destination's
+        self.return_path: Any = None
         self._error: BaseException | None = None
         # -- write side
         self._small = bytearray()

@@ -8,7 +8,6 @@ live, and :func:`snapshot` runs them back to back (QEMU's ``savevm``).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from savevm import vmstate
@@ -22,6 +21,7 @@ from savevm.format import (
 )
 from savevm.handlers import SaveContext
 from savevm.logging import get_logger
+from savevm.vmdesc import vmdesc_json
 
 if TYPE_CHECKING:
     from savevm.config import MigrationConfig
@@ -29,11 +29,6 @@ if TYPE_CHECKING:
     from savevm.registry import SectionEntry, SectionRegistry
 
 log = get_logger("savevm.save")
-
-
-def vmdesc_json(desc: dict[str, Any]) -> bytes:
-    """JSON in the shape of QEMU's compact JSONWriter (``", "`` and ``": "``)."""
-    return json.dumps(desc, separators=(", ", ": "), ensure_ascii=True).encode()
 
 
 class StreamWriter:

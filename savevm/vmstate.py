@@ -24,9 +24,10 @@ good, so a failed migration leaves the destination's devices as they were.
 
 from __future__ import annotations
 
+import enum
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -47,7 +48,92 @@ VMSD_ATTR = "__vmsd__"
 
 
 # ---------------------------------------------------------------------------
-# field types (VMStateInfo)
+# the field type protocol (VMStateInfo)
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class FieldContext:
+    """Where a field is being saved or loaded, handed to its type's ``put``/``get``.
+
+    A type cannot work from its value alone: a variable buffer or array
+    reads its length from an earlier field, every vmdesc entry carries the
+    field's name, and errors must say which field failed.  One object holds
+    all three, so an array passes it on to its elements (with the index in
+    ``where``) and what a type may use can grow without changing signatures.
+    """
+
+    #: the field's name, as the vmdesc writes it
+    name: str
+    #: the field's path for messages: ``"serial.fifo[3]"``
+    where: str
+    #: the fields of the enclosing description by name.  Saving: the device's values.
+    #: Loading: the destination's values, overwritten by each field as it is loaded, so a
+    #: length field read earlier in the stream is what a later field sees.
+    values: Mapping[str, Any]
+
+    def element(self, index: int) -> FieldContext:
+        """The context of element ``index`` of an array field."""
+        return FieldContext(self.name, f"{self.where}[{index}]", self.values)
+
+
+class _Keep(enum.Enum):
+    KEEP = "keep"
+
+
+#: What ``FieldType.get`` returns when the bytes carried no value (padding): the
+#: destination keeps its own, and the field is not counted as loaded.
+KEEP = _Keep.KEEP
+
+
+@runtime_checkable
+class FieldType(Protocol):
+    """A vmstate field type: how a value sits on the wire (QEMU's VMStateInfo).
+
+    The walker (:func:`save_state` / :func:`load_state`) handles what is the
+    description's business: field order, field versions and subsections.
+    A type handles one value: ``put`` writes it and returns its vmdesc
+    entries, ``get`` reads it.  Anything with these members can be used in
+    :func:`field`, ours or a third party's; checks a type makes against the
+    destination ("equal", "le") belong in its ``get``, bounds on lengths read
+    from the stream too.
+
+    Optional: a type whose vmdesc entries cannot be described once for a
+    whole array (QEMU's ``vmsd_can_compress``; here, structs with
+    subsections) sets ``compressible = False``; the default is True.
+    """
+
+    @property
+    def name(self) -> str:
+        """The type name the vmdesc writes (``"uint32"``, ``"buffer"``, ``"struct"``...)."""
+        ...
+
+    def put(self, f: QEMUFile, value: Any, ctx: FieldContext) -> list[dict[str, Any]]:
+        """Write ``value``; return its vmdesc field entries.
+
+        Usually one entry, ``{"name": ctx.name, "type": self.name, "size": n}``
+        with ``n`` the bytes written (nested data included); an empty array
+        describes nothing.  A value the description cannot hold raises
+        :class:`~savevm.errors.MigrationError` naming ``ctx.where``.
+        """
+        ...
+
+    def get(self, f: QEMUFile, current: Any, ctx: FieldContext) -> Any:
+        """Read a value from ``f`` and return it, or :data:`KEEP`.
+
+        ``current`` is the destination's own value (the reference of "equal"
+        checks, the base of a nested struct).  Bad data raises a
+        :class:`~savevm.errors.StreamError` subclass with its offset.
+        """
+        ...
+
+
+def _compressible(info: FieldType) -> bool:
+    return bool(getattr(info, "compressible", True))
+
+
+# ---------------------------------------------------------------------------
+# field types
 # ---------------------------------------------------------------------------
 
 
@@ -74,16 +160,26 @@ class Scalar:
         if not isinstance(value, int) or not self.lo <= int(value) <= self.hi:
             raise MigrationError(f"{where}: value {value!r} does not fit {self.name} [{self.lo}, {self.hi}]")
 
-    def put(self, f: QEMUFile, value: Any) -> None:
+    def put(self, f: QEMUFile, value: Any, ctx: FieldContext | None = None) -> list[dict[str, Any]]:
+        """Write the value (``ctx`` may be left out to use a scalar as a plain codec)."""
+        self.check(value, ctx.where if ctx is not None else self.name)
         f.put_buffer(struct.pack(self.fmt, int(value)))
+        return [{"name": ctx.name if ctx is not None else self.name, "type": self.name, "size": self.size}]
 
-    def get(self, f: QEMUFile) -> Any:
+    def get(self, f: QEMUFile, current: Any = None, ctx: FieldContext | None = None) -> Any:
+        """Read the value; "equal"/"le" checks against ``current`` apply inside a description (``ctx``)."""
         off = f.pos
         (v,) = struct.unpack(self.fmt, f.get_bytes(self.size, limit=self.size))
         if self.name == "bool":
             if v > 1:
                 raise CorruptStreamError(f"bool field holds {v}, expected 0 or 1", off)
-            return bool(v)
+            v = bool(v)
+        if ctx is not None:
+            if self.equal and v != current:
+                raise ConfigurationMismatchError(f"{ctx.where}: received {v}, this side requires {current}", off)
+            if self.less_equal and v > current:
+                raise ConfigurationMismatchError(
+                    f"{ctx.where}: received {v}, this side allows at most {current}", off)
         return v
 
 
@@ -124,11 +220,34 @@ class Buffer:
     def name(self) -> str:
         return "unused_buffer" if self.unused else "buffer"
 
-    def length(self, values: dict[str, Any]) -> int:
+    def length(self, values: Mapping[str, Any]) -> int:
         if self.size is not None:
             return self.size
         assert self.length_field is not None
         return int(values[self.length_field])
+
+    def put(self, f: QEMUFile, value: Any, ctx: FieldContext) -> list[dict[str, Any]]:
+        """Write the bytes (zeros for padding); their count must be what the description says."""
+        n = self.length(ctx.values)
+        if self.unused:
+            f.put_buffer(bytes(n))
+        else:
+            b = bytes(value)
+            if len(b) != n:
+                raise MigrationError(f"{ctx.where}: buffer is {len(b)} bytes, description says {n}")
+            f.put_buffer(b)
+        return [{"name": ctx.name, "type": self.name, "size": n}]
+
+    def get(self, f: QEMUFile, current: Any, ctx: FieldContext) -> Any:
+        """Read the bytes, bounded by ``max_len`` first; padding is skipped (:data:`KEEP`)."""
+        off = f.pos
+        n = self.length(ctx.values)
+        if n > self.max_len or n < 0:
+            raise CorruptStreamError(f"{ctx.where}: buffer length {n} exceeds its maximum {self.max_len}", off)
+        if self.unused:
+            f.skip(n)
+            return KEEP
+        return f.get_bytes(n, limit=self.max_len)
 
 
 def buffer(size: int) -> Buffer:
@@ -153,12 +272,12 @@ def unused(size: int) -> Buffer:
 class Array:
     """``count`` elements of ``element``, or a count taken from an earlier field."""
 
-    element: Any
+    element: FieldType
     count: int | None = None
     count_field: str | None = None
     max_count: int = 1 << 16
 
-    def length(self, values: dict[str, Any]) -> int:
+    def length(self, values: Mapping[str, Any]) -> int:
         if self.count is not None:
             return self.count
         assert self.count_field is not None
@@ -168,13 +287,52 @@ class Array:
     def name(self) -> str:
         return self.element.name
 
+    def put(self, f: QEMUFile, value: Any, ctx: FieldContext) -> list[dict[str, Any]]:
+        """Write the elements back to back.
 
-def array(element: Any, count: int) -> Array:
+        The vmdesc describes element 0 once with ``array_len`` when the
+        element type allows it, else each element with its ``index``; a
+        single element is described as a plain field, as QEMU does.
+        """
+        n = self.length(ctx.values)
+        seq = list(value)
+        if len(seq) != n:
+            raise MigrationError(f"{ctx.where}: array has {len(seq)} elements, description says {n}")
+        entries: list[dict[str, Any]] = []
+        for i, elem in enumerate(seq):
+            entries.extend(self.element.put(f, elem, ctx.element(i))[:1])
+        if not entries:
+            return []
+        if _compressible(self.element) and n > 1:
+            out = {"name": ctx.name, "array_len": n}
+            out.update({k: v for k, v in entries[0].items() if k != "name"})
+            return [out]
+        if n == 1:
+            return entries
+        return [{"name": ctx.name, "index": i, **{k: v for k, v in e.items() if k != "name"}}
+                for i, e in enumerate(entries)]
+
+    def get(self, f: QEMUFile, current: Any, ctx: FieldContext) -> Any:
+        """Read the elements, the count bounded by ``max_count`` first; a tuple stays a tuple."""
+        off = f.pos
+        n = self.length(ctx.values)
+        if n < 0 or n > self.max_count:
+            raise CorruptStreamError(f"{ctx.where}: array count {n} exceeds its maximum {self.max_count}", off)
+        cur = list(current) if current is not None else []
+        out = []
+        for i in range(n):
+            c = cur[i] if i < len(cur) else None
+            v = self.element.get(f, c, ctx.element(i))
+            out.append(c if v is KEEP else v)
+        return type(current)(out) if isinstance(current, tuple) else out
+
+
+def array(element: FieldType, count: int) -> Array:
     """A fixed-length array (``VMSTATE_ARRAY``)."""
     return Array(element, count=count)
 
 
-def varray(element: Any, count_field: str, max_count: int = 1 << 16) -> Array:
+def varray(element: FieldType, count_field: str, max_count: int = 1 << 16) -> Array:
     """A variable-length array counted by an earlier field (``VMSTATE_VARRAY_*``)."""
     return Array(element, count_field=count_field, max_count=max_count)
 
@@ -193,6 +351,22 @@ class Struct:
     def vmsd(self) -> VMStateDescription:
         return vmsd_of(self.cls)
 
+    @property
+    def compressible(self) -> bool:
+        """An array of these is described once only if no element can carry a subsection."""
+        return not _has_subsections(self.vmsd)
+
+    def put(self, f: QEMUFile, value: Any, ctx: FieldContext) -> list[dict[str, Any]]:
+        """Write the nested device; its vmdesc goes under ``"struct"``."""
+        start = f.pos
+        sub = save_state(f, value)
+        return [{"name": ctx.name, "type": "struct", "struct": sub, "size": f.pos - start}]
+
+    def get(self, f: QEMUFile, current: Any, ctx: FieldContext) -> Any:
+        """Load a new nested object over ``current`` (or a default one), at its own version."""
+        base = current if current is not None else self.cls()
+        return load_state(f, base, self.vmsd.version_id)
+
 
 def struct_(cls: type) -> Struct:
     """Nest another vmstate class."""
@@ -208,12 +382,12 @@ def struct_(cls: type) -> Struct:
 class FieldSpec:
     """A field's place in the description."""
 
-    info: Any
+    info: FieldType
     version_id: int = 0
     subsection: str | None = None
 
 
-def field(info: Any, *, version_id: int = 0, subsection: str | None = None, **kwargs: Any) -> Any:
+def field(info: FieldType, *, version_id: int = 0, subsection: str | None = None, **kwargs: Any) -> Any:
     """An attrs field carrying a vmstate type.
 
     ``version_id``: the field is on the wire only for section versions
@@ -265,6 +439,7 @@ def vmsd(
             spec = a.metadata.get("vmstate")
             if spec is None:
                 continue
+            _check_type(spec.info, f"{cls.__name__}.{a.name}")
             _check_refs(cls, a.name, spec, seen)
             seen.add(a.name)
             if spec.subsection is None:
@@ -284,6 +459,14 @@ def vmsd(
         return cls
 
     return deco
+
+
+def _check_type(info: Any, where: str) -> None:
+    if isinstance(info, Array):  # first: an array takes its name from its element
+        _check_type(info.element, f"{where}[]")
+    if not isinstance(info, FieldType):
+        raise RegistrationError(
+            f"{where}: {info!r} is not a vmstate field type (a FieldType has name, put and get)")
 
 
 def _check_refs(cls: type, fname: str, spec: FieldSpec, seen: set[str]) -> None:
@@ -333,61 +516,15 @@ def save_state(f: QEMUFile, obj: Any) -> dict[str, Any]:
 def _save_fields(f: QEMUFile, obj: Any, fields: Sequence[tuple[str, FieldSpec]],
                  values: dict[str, Any], where: str) -> list[dict[str, Any]]:
     desc: list[dict[str, Any]] = []
-    counts: dict[str, int] = {}
     for fname, spec in fields:
-        counts[fname] = counts.get(fname, 0) + 1
-        desc.extend(_save_one(f, spec.info, values[fname], values, f"{where}.{fname}", fname))
+        desc.extend(spec.info.put(f, values[fname], FieldContext(fname, f"{where}.{fname}", values)))
     return desc
 
 
-def _save_one(f: QEMUFile, info: Any, value: Any, values: dict[str, Any], where: str,
-              fname: str) -> list[dict[str, Any]]:
-    start = f.pos
-    if isinstance(info, Scalar):
-        info.check(value, where)
-        info.put(f, value)
-        return [{"name": fname, "type": info.name, "size": f.pos - start}]
-    if isinstance(info, Buffer):
-        n = info.length(values)
-        if info.unused:
-            f.put_buffer(bytes(n))
-        else:
-            b = bytes(value)
-            if len(b) != n:
-                raise MigrationError(f"{where}: buffer is {len(b)} bytes, description says {n}")
-            f.put_buffer(b)
-        return [{"name": fname, "type": info.name, "size": n}]
-    if isinstance(info, Struct):
-        sub = save_state(f, value)
-        return [{"name": fname, "type": "struct", "struct": sub, "size": f.pos - start}]
-    if isinstance(info, Array):
-        n = info.length(values)
-        seq = list(value)
-        if len(seq) != n:
-            raise MigrationError(f"{where}: array has {len(seq)} elements, description says {n}")
-        entries: list[dict[str, Any]] = []
-        for i, elem in enumerate(seq):
-            e = _save_one(f, info.element, elem, values, f"{where}[{i}]", fname)[0]
-            entries.append(e)
-        if not entries:
-            return []
-        compress = not (isinstance(info.element, Struct) and _has_subsections(info.element.vmsd))
-        if compress and n > 1:
-            first = dict(entries[0])
-            out = {"name": fname, "array_len": n}
-            out.update({k: v for k, v in first.items() if k != "name"})
-            return [out]
-        if n == 1:
-            return entries
-        return [{"name": fname, "index": i, **{k: v for k, v in e.items() if k != "name"}}
-                for i, e in enumerate(entries)]
-    raise RegistrationError(f"{where}: unsupported vmstate type {info!r}")
-
-
 def _has_subsections(d: VMStateDescription) -> bool:
-    return bool(d.subsections) or any(
-        isinstance(s.info, Struct) and _has_subsections(s.info.vmsd) for _, s in d.fields
-    )
+    # only the fields' own types count, not those of array elements (unlike QEMU's
+    # vmsd_can_compress, which recurses through arrays of structs too)
+    return bool(d.subsections) or any(not _compressible(s.info) for _, s in d.fields)
 
 
 # ---------------------------------------------------------------------------
@@ -447,43 +584,10 @@ def _load_fields(f: QEMUFile, obj: Any, fields: Sequence[tuple[str, FieldSpec]],
     for fname, spec in fields:
         if spec.version_id > version_id:
             continue
-        v = _load_one(f, spec.info, values.get(fname), values, f"{where}.{fname}")
-        if not (isinstance(spec.info, Buffer) and spec.info.unused):
+        v = spec.info.get(f, values.get(fname), FieldContext(fname, f"{where}.{fname}", values))
+        if v is not KEEP:
             values[fname] = v
             changed[fname] = v
-
-
-def _load_one(f: QEMUFile, info: Any, current: Any, values: dict[str, Any], where: str) -> Any:
-    off = f.pos
-    if isinstance(info, Scalar):
-        v = info.get(f)
-        if info.equal and v != current:
-            raise ConfigurationMismatchError(f"{where}: received {v}, this side requires {current}", off)
-        if info.less_equal and v > current:
-            raise ConfigurationMismatchError(f"{where}: received {v}, this side allows at most {current}", off)
-        return v
-    if isinstance(info, Buffer):
-        n = info.length(values)
-        if n > info.max_len or n < 0:
-            raise CorruptStreamError(f"{where}: buffer length {n} exceeds its maximum {info.max_len}", off)
-        if info.unused:
-            f.skip(n)
-            return current
-        return f.get_bytes(n, limit=info.max_len)
-    if isinstance(info, Struct):
-        d = info.vmsd
-        base = current if current is not None else info.cls()
-        return load_state(f, base, d.version_id)
-    if isinstance(info, Array):
-        n = info.length(values)
-        if n < 0 or n > info.max_count:
-            raise CorruptStreamError(f"{where}: array count {n} exceeds its maximum {info.max_count}", off)
-        cur = list(current) if current is not None else []
-        out = []
-        for i in range(n):
-            out.append(_load_one(f, info.element, cur[i] if i < len(cur) else None, values, f"{where}[{i}]"))
-        return type(current)(out) if isinstance(current, tuple) else out
-    raise RegistrationError(f"{where}: unsupported vmstate type {info!r}")
 
 
 def commit_state(device: Any, loaded: Any) -> None:
@@ -503,8 +607,8 @@ def describe(obj: Any) -> dict[str, Any]:
 
 
 __all__ = [
-    "Array", "Buffer", "FieldSpec", "Scalar", "Struct", "Subsection", "VMStateDescription",
-    "array", "bool_", "buffer", "commit_state", "describe", "field", "int8", "int16", "int32",
+    "KEEP", "Array", "Buffer", "FieldContext", "FieldSpec", "FieldType", "Scalar", "Struct", "Subsection",
+    "VMStateDescription", "array", "bool_", "buffer", "commit_state", "describe", "field", "int8", "int16", "int32",
     "int32_equal", "int32_le", "int64", "int64_equal", "load_state", "save_state", "struct_",
     "uint8", "uint8_equal", "uint16", "uint16_equal", "uint32", "uint32_equal", "uint64",
     "unused", "varray", "vbuffer", "vmsd", "vmsd_of",

@@ -6,10 +6,8 @@ import os
 import subprocess
 from collections.abc import Sequence
 
-from savevm.channels.base import Buffer
+from savevm.channels.base import Buffer, writev_all
 from savevm.errors import ChannelError, URIError
-
-IOV_MAX = 1024
 
 
 class FdChannel:
@@ -22,24 +20,7 @@ class FdChannel:
         self._closed = False
 
     def writev(self, bufs: Sequence[Buffer]) -> int:
-        pending = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
-        pending = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in pending]
-        total = 0
-        i = 0
-        while i < len(pending):
-            sent = os.writev(self.fd, pending[i : i + IOV_MAX])
-            total += sent
-            while sent > 0:
-                n = pending[i].nbytes
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    pending[i] = pending[i][sent:]
-                    sent = 0
-            while i < len(pending) and pending[i].nbytes == 0:
-                i += 1
-        return total
+        return writev_all(lambda iov: os.writev(self.fd, iov), bufs)
 
     def readinto(self, buf: memoryview) -> int:
         return os.readv(self.fd, [buf])

@@ -6,11 +6,9 @@ import os
 import socket
 from collections.abc import Sequence
 
-from savevm.channels.base import Buffer
+from savevm.channels.base import Buffer, writev_all
 from savevm.errors import ChannelError, URIError
 
-#: Linux IOV_MAX.
-IOV_MAX = 1024
 SOCK_BUF = 4 << 20
 
 
@@ -23,26 +21,7 @@ class SocketChannel:
         self._closed = False
 
     def writev(self, bufs: Sequence[Buffer]) -> int:
-        total = 0
-        pending = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
-        pending = [b.cast("B") if b.format != "B" or b.ndim != 1 else b for b in pending]
-        i = 0
-        while i < len(pending):
-            batch = pending[i : i + IOV_MAX]
-            sent = self.sock.sendmsg(batch)
-            total += sent
-            # advance over fully sent buffers; trim a partial one
-            while sent > 0:
-                n = pending[i].nbytes
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    pending[i] = pending[i][sent:]
-                    sent = 0
-            while i < len(pending) and pending[i].nbytes == 0:
-                i += 1
-        return total
+        return writev_all(self.sock.sendmsg, bufs)
 
     def readinto(self, buf: memoryview) -> int:
         return self.sock.recv_into(buf)

@@ -76,16 +76,17 @@ def cmd_incoming(args: argparse.Namespace) -> int:
 
 def _read_vmdesc_arg(path: str) -> dict[str, Any]:
     """``--vmdesc``: a JSON file, or a stream file whose trailing vmdesc is read."""
-    from savevm.load import read_vmdesc
+    from savevm.vmdesc import MAX_VMDESC, parse_vmdesc, read_vmdesc
 
     try:
         with open(path, "rb") as fh:
             head = fh.read(1)
-        if head == b"{":
-            with open(path, "rb") as fh:
-                return dict(json.load(fh))
-        desc = read_vmdesc(path)
-    except (OSError, ValueError) as exc:
+            if head == b"{":
+                # bounded like a vmdesc in a stream: one byte more than allowed is refused
+                desc: dict[str, Any] | None = parse_vmdesc(head + fh.read(MAX_VMDESC), 0)
+            else:
+                desc = read_vmdesc(path)
+    except (OSError, MigrationError) as exc:
         raise ConfigError("--vmdesc", f"cannot read {path!r}: {exc}") from exc
     if desc is None:
         raise ConfigError("--vmdesc", f"{path!r} holds no vmdesc (neither JSON nor a stream ending in one)")

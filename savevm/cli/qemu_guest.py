@@ -30,9 +30,9 @@ class QemuGuest:
     """RAM-only receiver for QEMU streams (nothing to pause; nothing runs)."""
 
     def __init__(self, dump_dir: str | None = None, max_ram: str = "64G") -> None:
-        import savevm_ram
         from savevm.config import parse_size
 
+        savevm_ram = _ram_plugin()
         self.ram = savevm_ram.RAMList(auto_create=True, max_auto_bytes=parse_size(max_ram, "max_ram"))
         self.dump_dir = dump_dir
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import savevm
 import savevm_ram
@@ -89,3 +90,94 @@ def test_bench_command(capsys: object) -> None:
     whats = [r["what"] for r in rep["rows"]]
     assert any("random pages" in w for w in whats) and any("XBZRLE decode" in w for w in whats)
     assert all(r["GB/s"] > 0 and r["baseline GB/s"] > 0 for r in rep["rows"])
+
+
+def test_vmdesc_arg_reads_json_or_stream(tmp_path: Path) -> None:
+    from savevm.cli.commands import _read_vmdesc_arg
+    from savevm.errors import ConfigError
+
+    stream = tmp_path / "s.qevm"
+    _snapshot(stream)
+    desc = _read_vmdesc_arg(str(stream))
+    assert [d["name"] for d in desc["devices"]] == ["demo-device"]
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(desc))
+    assert _read_vmdesc_arg(str(js)) == desc
+    for bad in (b"{not json", b"[1]"):
+        js.write_bytes(bad)
+        with pytest.raises(ConfigError, match="--vmdesc"):
+            _read_vmdesc_arg(str(js))
+    js.write_bytes(b"not a stream")
+    with pytest.raises(ConfigError, match="holds no vmdesc"):
+        _read_vmdesc_arg(str(js))
+
+
+def test_analyze_text_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.qevm"
+    _snapshot(p)
+    assert main(["analyze", str(p)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"== {p} ==" and lines[1].split() == ["machine", "savevm"]
+    assert lines[2].split() == ["bytes", str(p.stat().st_size)]
+    assert "section      ram instance 0 version 4 (loaded)" in lines
+    assert "section      demo-device instance 0 version 2 (skipped (vmdesc))" in lines
+    assert [ln.split()[2] for ln in lines if ln.startswith("ram block")] == ["pc.ram", "vga"]
+    assert lines[-1].split() == ["ram", "records", "zero", "24", "normal", "48", "encoded", "(xbzrle/compressed)", "0"]
+
+
+def test_analyze_takes_the_machine_from_the_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.qevm"
+    reg = savevm.SectionRegistry(savevm.MigrationConfig(machine="pc-q35-7.2"))
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", bytearray(4 * 4096))]))
+    savevm.snapshot(p, reg)
+    assert main(["analyze", str(p), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["status"] == "ok" and rep["machine"] == "pc-q35-7.2"
+    # asked for another machine: the loader's own check, at the name's offset
+    assert main(["analyze", str(p), "--json", "--machine", "pc-i440fx-7.2"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["status"] == "error" and "machine type mismatch" in rep["error"] and rep["offset"] == 9
+    assert rep["machine"] == "pc-q35-7.2"
+
+
+def test_analyze_lists_blocks_in_stream_order(tmp_path: Path) -> None:
+    from savevm.cli.analyze import analyze_file
+
+    # "grows" comes first in the stream (QEMU orders by max_length) but is the smaller
+    # block once loaded: a RAMList would list it last
+    grows = savevm_ram.RAMBlock("grows", bytearray(16 * 4096), used_length=2 * 4096, resizable=True)
+    reg = savevm.SectionRegistry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("fixed", bytearray(8 * 4096)), grows]))
+    p = tmp_path / "s.qevm"
+    savevm.snapshot(p, reg)
+    rep = analyze_file(str(p))
+    assert rep["status"] == "ok"
+    assert [(b["idstr"], b["used_length"]) for b in rep["ram"]["blocks"]] == [("grows", 2 * 4096), ("fixed", 8 * 4096)]
+
+
+def test_analyze_without_the_ram_plugin(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with_ram = tmp_path / "ram.qevm"
+    _snapshot(with_ram)
+    no_ram = tmp_path / "dev.qevm"
+    reg = savevm.SectionRegistry()
+    reg.register_device("demo-device", 0, DemoDevice(counter=5))
+    savevm.snapshot(no_ram, reg)
+    monkeypatch.setitem(sys.modules, "savevm_ram", None)  # `import savevm_ram` now fails
+    assert main(["analyze", str(with_ram)]) == 2
+    err = capsys.readouterr().err
+    assert "the RAM plugin (savevm-ram) is needed to analyze RAM sections: pip install -e plugins/ram" in err
+    assert "Traceback" not in err
+    assert main(["analyze", str(no_ram), "--json"]) == 0, "no RAM section: no plugin needed"
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["status"] == "ok" and rep["ram"] == {"blocks": [], "zero": 0, "normal": 0, "encoded": 0}
+
+
+def test_analyze_reports_what_is_not_a_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"not a migration stream at all")
+    assert main(["analyze", str(p), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["status"] == "error" and "magic" in rep["error"] and rep["offset"] == 0
+    assert main(["analyze", str(tmp_path / "missing.qevm")]) == 2
+    assert "cannot open" in capsys.readouterr().err

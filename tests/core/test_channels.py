@@ -8,9 +8,11 @@ import threading
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from savevm.channels import listen, memory_pipe, open_channel, split_uri
-from savevm.channels.base import Channel, Listener
+from savevm.channels.base import IOV_MAX, Channel, Listener, writev_all
 from savevm.errors import ChannelError, URIError
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
@@ -276,3 +278,86 @@ def test_listen_on_busy_port(host: PluginHost) -> None:
             listen(lst.uri, host)
     finally:
         lst.close()
+
+
+# ---------------------------------------------------------------- the one writev loop
+
+
+class ShortWriter:
+    """A vectored send that writes only what ``plan`` allows per call, recording what it got."""
+
+    def __init__(self, plan: Callable[[list[memoryview]], int]) -> None:
+        self.plan = plan
+        self.out = bytearray()
+        self.calls: list[int] = []
+
+    def __call__(self, iov: list[memoryview]) -> int:
+        assert len(iov) <= IOV_MAX, "never more than IOV_MAX buffers per call"
+        assert all(isinstance(b, memoryview) and b.format == "B" for b in iov)
+        self.calls.append(len(iov))
+        want = sum(b.nbytes for b in iov)
+        n = min(self.plan(iov), want)
+        joined = b"".join(iov)
+        self.out += joined[:n]
+        return n
+
+
+def _bufs(sizes: list[int]) -> list[bytes]:
+    out, k = [], 0
+    for s in sizes:
+        out.append(bytes((k + j) % 251 for j in range(s)))
+        k += s
+    return out
+
+
+def _first_boundary(iov: list[memoryview]) -> int:
+    """Write whole buffers only: exactly up to the end of the first non-empty one."""
+    return next((b.nbytes for b in iov if b.nbytes), 0)
+
+
+@pytest.mark.parametrize("name,plan", [
+    ("one byte", lambda iov: 1),
+    ("three bytes", lambda iov: 3),
+    ("exactly one buffer", _first_boundary),
+    ("one byte short of a buffer", lambda iov: max(1, _first_boundary(iov) - 1)),
+    ("one byte past a buffer", lambda iov: _first_boundary(iov) + 1),
+    ("everything", lambda iov: 1 << 40),
+])
+@pytest.mark.parametrize("sizes", [
+    [5], [1, 2, 3], [0, 4, 0, 0, 7, 0], [0], [], [10] * (IOV_MAX + 7), [1] * (3 * IOV_MAX + 1),
+])
+def test_writev_all_delivers_every_byte_in_order(name: str, plan: Callable[[list[memoryview]], int],
+                                                 sizes: list[int]) -> None:
+    if sum(sizes) > 5000 and name in ("one byte", "three bytes"):
+        sizes = [1] * (IOV_MAX + 3)  # still more than IOV_MAX buffers, fewer calls
+    bufs = _bufs(sizes)
+    w = ShortWriter(plan)
+    assert writev_all(w, bufs) == sum(sizes)
+    assert bytes(w.out) == b"".join(bufs)
+    if sum(sizes) == 0:
+        assert w.calls == [], "nothing to write: no call at all"
+    if len(sizes) > IOV_MAX and name == "everything":
+        assert max(w.calls) == IOV_MAX
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), max_size=60), cuts=st.lists(st.integers(1, 90), min_size=1))
+def test_writev_all_any_short_writes(sizes: list[int], cuts: list[int]) -> None:
+    bufs = _bufs(sizes)
+    it = iter(cuts * (sum(sizes) + 1))
+    w = ShortWriter(lambda iov: next(it))
+    assert writev_all(w, [memoryview(b) for b in bufs]) == sum(sizes)
+    assert bytes(w.out) == b"".join(bufs)
+
+
+def test_writev_all_non_byte_views_and_bad_sends() -> None:
+    import array
+
+    words = array.array("I", [0x01020304, 0x05060708])
+    w = ShortWriter(lambda iov: 3)
+    assert writev_all(w, [memoryview(words), b"xy"]) == 10
+    assert bytes(w.out) == words.tobytes() + b"xy"
+    with pytest.raises(ChannelError, match="no progress"):
+        writev_all(lambda iov: 0, [b"abc"])
+    with pytest.raises(ChannelError, match="more than it was given"):
+        writev_all(lambda iov: 4, [b"abc"])

@@ -411,3 +411,115 @@ def test_field_wire_layout_independent_of_python_struct() -> None:
     # a last cross-check of the be64 layout against struct, for signed values
     data, _ = save(AllTypes(i64=-2))
     assert data[1 + 2 + 4: 1 + 2 + 4 + 8] == struct.pack(">q", -2)
+
+
+# ---------------------------------------------------------------- field types of a third party
+
+
+@attrs.frozen
+class LE32:
+    """A little-endian uint32 written by hand against the FieldType protocol (not a class of ours)."""
+
+    name = "le32"
+
+    def put(self, f: QEMUFile, value: Any, ctx: vmstate.FieldContext) -> list[dict[str, Any]]:
+        if not 0 <= value < 1 << 32:
+            raise MigrationError(f"{ctx.where}: {value} does not fit le32")
+        f.put_buffer(struct.pack("<I", value))
+        return [{"name": ctx.name, "type": self.name, "size": 4}]
+
+    def get(self, f: QEMUFile, current: Any, ctx: vmstate.FieldContext) -> Any:
+        return struct.unpack("<I", f.get_bytes(4, limit=4))[0]
+
+
+@attrs.frozen
+class Checksum:
+    """A type that uses the context: a be16 sum of an earlier buffer's bytes, checked on load."""
+
+    of: str
+    name = "uint16 equal"
+
+    def put(self, f: QEMUFile, value: Any, ctx: vmstate.FieldContext) -> list[dict[str, Any]]:
+        f.put_be16(sum(ctx.values[self.of]) & 0xFFFF)
+        return [{"name": ctx.name, "type": self.name, "size": 2}]
+
+    def get(self, f: QEMUFile, current: Any, ctx: vmstate.FieldContext) -> Any:
+        off = f.pos
+        v = f.get_be16()
+        if v != sum(ctx.values[self.of]) & 0xFFFF:
+            raise CorruptStreamError(f"{ctx.where}: checksum 0x{v:04x} does not match", off)
+        return vmstate.KEEP
+
+
+@vmstate.vmsd("thirdparty")
+@attrs.define
+class ThirdParty:
+    a: int = vmstate.field(LE32(), default=0)
+    n: int = vmstate.field(vmstate.uint8, default=2)
+    many: list = vmstate.field(vmstate.varray(LE32(), "n"), factory=lambda: [1, 2])
+    data: bytes = vmstate.field(vmstate.buffer(3), default=b"abc")
+    sum_: Any = vmstate.field(Checksum("data"), default=None)
+
+
+def test_third_party_field_type_round_trips() -> None:
+    assert isinstance(LE32(), vmstate.FieldType) and isinstance(vmstate.uint32, vmstate.FieldType)
+    src = ThirdParty(a=0x01020304, n=3, many=[5, 6, 0xFFFFFFFF], data=b"xyz")
+    data, desc = save(src)
+    assert data == (bytes.fromhex("04030201") + b"\x03" + bytes.fromhex("05000000 06000000 ffffffff") + b"xyz"
+                    + struct.pack(">H", sum(b"xyz")))
+    assert desc["fields"] == [
+        {"name": "a", "type": "le32", "size": 4},
+        {"name": "n", "type": "uint8", "size": 1},
+        {"name": "many", "array_len": 3, "type": "le32", "size": 4},
+        {"name": "data", "type": "buffer", "size": 3},
+        {"name": "sum_", "type": "uint16 equal", "size": 2},
+    ]
+    loaded, f = load(data, ThirdParty(sum_="mine"))
+    assert f.at_eof()
+    assert (loaded.a, loaded.n, loaded.many, loaded.data) == (src.a, 3, [5, 6, 0xFFFFFFFF], b"xyz")
+    assert loaded.sum_ == "mine", "KEEP leaves the destination's value"
+    bad = bytearray(data)
+    bad[-3] ^= 1  # a byte of `data`: the checksum no longer matches
+    with pytest.raises(CorruptStreamError, match="checksum") as ei:
+        load(bytes(bad), ThirdParty())
+    assert ei.value.offset == len(data) - 2
+    with pytest.raises(MigrationError, match="thirdparty.a"):
+        save(ThirdParty(a=-1))
+
+
+def test_registration_refuses_what_is_not_a_field_type() -> None:
+    with pytest.raises(RegistrationError, match=r"Bad\.x: .*not a vmstate field type"):
+        @vmstate.vmsd("bad")
+        @attrs.define
+        class Bad:
+            x: int = vmstate.field("uint32", default=0)  # type: ignore[arg-type]
+
+    with pytest.raises(RegistrationError, match=r"BadElem\.xs\[\]: .*not a vmstate field type"):
+        @vmstate.vmsd("bad")
+        @attrs.define
+        class BadElem:
+            xs: list = vmstate.field(vmstate.array(struct.Struct(">I"), 2), factory=list)  # type: ignore[arg-type]
+
+    class NoGet:
+        name = "half"
+
+        def put(self, f: QEMUFile, value: Any, ctx: vmstate.FieldContext) -> list[dict[str, Any]]:
+            return []
+
+    with pytest.raises(RegistrationError, match=r"Half\.h"):
+        @vmstate.vmsd("half")
+        @attrs.define
+        class Half:
+            h: int = vmstate.field(NoGet(), default=0)  # type: ignore[arg-type]
+
+
+def test_unused_padding_is_not_a_loaded_value() -> None:
+    @vmstate.vmsd("padonly")
+    @attrs.define
+    class PadOnly:
+        pad: Any = vmstate.field(vmstate.unused(4), default="untouched")
+        pads: list = vmstate.field(vmstate.array(vmstate.unused(1), 2), factory=lambda: ["p", "q"])
+
+    dst = PadOnly()
+    loaded, f = load(bytes(6), dst)
+    assert f.at_eof() and loaded.pad == "untouched" and loaded.pads == ["p", "q"]

@@ -35,8 +35,8 @@ import savevm  # noqa: E402
 import savevm_ram  # noqa: E402
 from savevm import vmstate  # noqa: E402
 from savevm.channels import FdChannel  # noqa: E402
-from savevm.load import read_vmdesc  # noqa: E402
 from savevm.save import StreamWriter  # noqa: E402
+from savevm.vmdesc import read_vmdesc  # noqa: E402
 
 pytestmark = [
     pytest.mark.qemu,

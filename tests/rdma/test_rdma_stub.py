@@ -99,18 +99,21 @@ def test_rdma_block_mismatch_is_refused() -> None:
 
     def fake_destination() -> None:
         # answers the registration request with a wrong length, as a mismatched peer would
-        import json
         import struct
+
+        from savevm.return_path import NEGOTIATE_PONG, RPMessage, encode_json, frame
 
         ch = lst.accept(10)
         try:
             f = QEMUFile(ch)
+            # a savevm destination: answer the negotiation PING (the source's first command)
+            ch.sock.sendall(frame(RPMessage.PONG, struct.pack(">I", NEGOTIATE_PONG)))
             while True:  # skip to the HOOK record's control word
                 if f.get_byte() == 0x80 and f.peek_byte() == 0:
                     f.get_be32()
                     break
-            blob = json.dumps([{"idstr": "a", "length": 4096, "region": "nope", "direct": False}]).encode()
-            ch.sock.sendall(struct.pack(">I", len(blob)) + blob)
+            blocks = [{"idstr": "a", "length": 4096, "region": "nope", "direct": False}]
+            ch.sock.sendall(frame(RPMessage.EXTENSION, encode_json({"kind": "rdma-blocks", "blocks": blocks})))
             ch.sock.recv(1 << 16)
         except BaseException as exc:  # reported below
             errors.append(exc)

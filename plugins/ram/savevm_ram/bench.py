@@ -24,7 +24,7 @@ from savevm_ram import register_ram
 from savevm_ram.block import RAMBlock, RAMList
 
 
-def _median(fn: Callable[[], None], runs: int) -> float:
+def _median(fn: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
         t = time.perf_counter()

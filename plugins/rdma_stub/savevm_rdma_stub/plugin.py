@@ -14,9 +14,9 @@ plugin does the same on one host with POSIX shared memory:
   (true zero-copy remote writes); any other block gets a shared staging
   region of its size.
 * Source, ``before_iterate(SETUP)`` writes a HOOK record;
-  ``after_iterate(SETUP)`` waits for the destination's answer on the
-  return direction of the socket: the block list (name, length, region
-  name), which must match the source's blocks in count, order and length,
+  ``after_iterate(SETUP)`` waits for the destination's answer, an
+  ``rdma-blocks`` EXTENSION message on the return path: the block list
+  (name, length, region name), which must match the source's blocks in count, order and length,
   as QEMU's RAM_BLOCKS_REQUEST/RESULT exchange requires.
 * Source, ``ram_control_save_page``: a run of pages is copied into the
   mapped region (the "RDMA write") and never enters the stream.
@@ -32,8 +32,6 @@ Control payload format (all big-endian), after the ``be64 0x80`` record:
 
 from __future__ import annotations
 
-import json
-import socket
 import struct
 from multiprocessing import resource_tracker, shared_memory
 
@@ -46,6 +44,7 @@ from savevm.errors import ChannelError, CorruptStreamError
 from savevm.hookspecs import hookimpl
 from savevm.logging import get_logger
 from savevm.qemufile import QEMUFile
+from savevm.return_path import RPMessage, encode_json
 from savevm_ram.block import RAMBlock
 from savevm_ram.state import RAMState
 from savevm_ram.wire import (
@@ -61,7 +60,8 @@ from savevm_ram.wire import (
 log = get_logger("savevm.rdma_stub")
 
 MAX_RANGES = 1 << 22
-MAX_RESULT = 1 << 20
+#: the return-path EXTENSION message carrying RAM_BLOCKS_RESULT
+REGISTRATION_KIND = "rdma-blocks"
 
 
 class RdmaChannel(SocketChannel):
@@ -160,36 +160,30 @@ def ram_control_after_iterate(rs: RAMState, f: QEMUFile, flags: int) -> None:
 
 
 def _exchange_blocks(rs: RAMState, f: QEMUFile, st: _SourceState) -> None:
+    """RAM_BLOCKS_RESULT: the destination's registered regions, over the return path."""
     f.flush()
-    sock = f.channel.sock  # type: ignore[attr-defined]
-    hdr = _recv_exact(sock, 4)
-    (n,) = struct.unpack(">I", hdr)
-    if n > MAX_RESULT:
-        raise ChannelError(f"rdma: block registration result of {n} bytes is implausible")
-    result = json.loads(_recv_exact(sock, n))
+    rp = f.return_path
+    if rp is None:
+        raise ChannelError("rdma: the channel has no return path for block registration")
+    timeout = rs.config.parameters.x_handover_timeout / 1000
+    msg = rp.take_extension(REGISTRATION_KIND, timeout)
+    if msg is None:
+        raise ChannelError(f"rdma: no block registration from the destination within {timeout:g}s "
+                           "(is it savevm with the rdma_stub plugin?)")
+    result = msg.get("blocks")
     blocks = list(rs.ram)
-    if len(result) != len(blocks):
-        raise ChannelError(f"rdma: destination registered {len(result)} blocks, source has {len(blocks)}")
+    if not isinstance(result, list) or len(result) != len(blocks):
+        raise ChannelError(f"rdma: destination registered {len(result) if isinstance(result, list) else '?'} "
+                           f"blocks, source has {len(blocks)}")
     for i, (b, r) in enumerate(zip(blocks, result)):
-        if r["idstr"] != b.idstr or r["length"] != b.used_length:
-            raise ChannelError(
-                f"rdma: block {i} mismatch: source {b.idstr}/{b.used_length}, destination {r['idstr']}/{r['length']}")
-        shm = shared_memory.SharedMemory(name=r["region"])
+        if not isinstance(r, dict) or r.get("idstr") != b.idstr or r.get("length") != b.used_length:
+            raise ChannelError(f"rdma: block {i} mismatch: source {b.idstr}/{b.used_length}, destination {r!r}")
+        shm = shared_memory.SharedMemory(name=str(r["region"]))
         # Python < 3.13 would unlink an attached segment at exit: it is not ours to remove
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         st.regions.append((shm, np.ndarray((shm.size,), dtype=np.uint8, buffer=shm.buf)))
         st.index[b.idstr] = i
     log.info("qemu_rdma_registration_stop", blocks=len(blocks), zero_copy=[r["direct"] for r in result])
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ChannelError("rdma: control channel closed during block registration")
-        out += chunk
-    return bytes(out)
 
 
 @hookimpl
@@ -249,8 +243,10 @@ def ram_control_load_hook(rs: RAMState, f: QEMUFile, flags: int, data: RAMBlock 
     if kind == CONTROL_RAM_BLOCKS_REQUEST:
         result = [{"idstr": b.idstr, "length": b.used_length, "region": r[0].name if r[0] else "", "direct": r[2]}
                   for b, r in zip(st.blocks, st.regions)]
-        blob = json.dumps(result).encode()
-        f.channel.sock.sendall(struct.pack(">I", len(blob)) + blob)  # type: ignore[attr-defined]
+        rp = f.return_path
+        if rp is None or not rp.send(RPMessage.EXTENSION, encode_json({"kind": REGISTRATION_KIND,
+                                                                      "blocks": result})):
+            raise ChannelError("rdma: cannot answer the block registration (no negotiated return path)")
         return True
     if kind != CONTROL_REGISTER_FINISHED:
         raise CorruptStreamError(f"rdma: unexpected control message type {kind}", off)
