@@ -11,6 +11,10 @@ QEMU_VM_FILE_MAGIC = 0x5145564D
 QEMU_VM_FILE_VERSION_COMPAT = 0x00000002
 QEMU_VM_FILE_VERSION = 0x00000003
 
+#: First be32 of every multifd channel (MultiFDInit_t.magic): a second connection that starts
+#: with it means the source has capability ``multifd``, whose pages savevm does not receive.
+MULTIFD_MAGIC = 0x11223344
+
 #: x86 target page size (TARGET_PAGE_BITS = 12).
 TARGET_PAGE_BITS = 12
 TARGET_PAGE_SIZE = 1 << TARGET_PAGE_BITS

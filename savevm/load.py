@@ -13,17 +13,20 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from savevm import vmstate
+from savevm.channels.memory import MemoryChannel
 from savevm.errors import (
     BadMagicError,
     ConfigurationMismatchError,
     CorruptStreamError,
     FooterMismatchError,
     TrailingDataError,
+    TruncatedStreamError,
     UnknownSectionError,
     VersionMismatchError,
 )
 from savevm.format import (
     COMMAND_ARG_LEN,
+    MULTIFD_MAGIC,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     QEMU_VM_FILE_VERSION_COMPAT,
@@ -32,16 +35,19 @@ from savevm.format import (
     SectionType,
 )
 from savevm.logging import get_logger
-from savevm.vmdesc import MAX_VMDESC, device_sizes, parse_vmdesc
+from savevm.qemufile import QEMUFile
+from savevm.vmdesc import MAX_VMDESC, MAX_VMDESC_TAIL, device_sizes, find_vmdesc, parse_vmdesc
 
 if TYPE_CHECKING:
     from savevm.config import MigrationConfig
-    from savevm.qemufile import QEMUFile
     from savevm.registry import SectionEntry, SectionRegistry
     from savevm.return_path import DestReturnPath
 
 log = get_logger("savevm.load")
 
+#: Bound on the device state buffered while waiting for the vmdesc that sizes it (a QEMU x86
+#: machine sends about 100 KiB; a machine with big device state, e.g. VGA memory, a few MiB).
+MAX_DEFERRED_DEVICES = 256 << 20
 #: Bound on the machine name in the configuration record.
 MAX_MACHINE_NAME = 256
 
@@ -63,8 +69,18 @@ class StreamLoader:
 
     def __init__(self, f: QEMUFile, registry: SectionRegistry, config: MigrationConfig | None = None,
                  *, require_eof: bool = True, vmdesc: dict[str, Any] | None = None,
-                 return_path: DestReturnPath | None = None, any_machine: bool = False) -> None:
+                 return_path: DestReturnPath | None = None, any_machine: bool = False,
+                 skip_unknown_devices: bool = False, keep_vmdesc: bool = True) -> None:
         self.f = f
+        #: device sections this side does not model are skipped, sized from the stream's own
+        #: vmdesc (which follows EOF, so they are buffered until it arrives): a program that
+        #: only wants RAM from a real QEMU says so; everyone else gets a clear refusal
+        self.skip_unknown_devices = skip_unknown_devices
+        #: decode the vmdesc into ``result.vmdesc`` (a tool wants it; a migration only skips it,
+        #: so a hostile vmdesc costs no memory)
+        self.keep_vmdesc = keep_vmdesc
+        #: devices, EOF and vmdesc were consumed while sizing deferred device sections
+        self._tail_done = False
         #: accept whatever machine the configuration record names (a tool reading a file,
         #: e.g. ``savevm analyze``); a migration must stay strict, since state saved for
         #: one machine type does not fit another
@@ -107,6 +123,10 @@ class StreamLoader:
         f = self.f
         off = f.pos
         magic = f.get_be32()
+        if magic == MULTIFD_MAGIC:
+            raise ConfigurationMismatchError(
+                "this connection is a multifd channel: the source has capability multifd, whose pages travel "
+                "over extra connections savevm does not receive; turn multifd off on the source", off)
         if magic != QEMU_VM_FILE_MAGIC:
             raise BadMagicError(
                 f"not a migration stream: magic 0x{magic:08x}, expected 0x{QEMU_VM_FILE_MAGIC:08x} (QEVM)", off)
@@ -186,6 +206,8 @@ class StreamLoader:
             t = f.get_byte()
             if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
                 self._start_full(SectionType(t), off)
+                if self._tail_done:
+                    return
             elif t in (SectionType.SECTION_PART, SectionType.SECTION_END):
                 self._part_end(SectionType(t), off)
             elif t == SectionType.EOF:
@@ -208,6 +230,9 @@ class StreamLoader:
         log.debug("qemu_loadvm_state_section_startfull", section_id=section_id, idstr=idstr,
                   instance_id=instance_id, version_id=version_id)
         entry = self.registry.find(idstr, instance_id)
+        if entry is None and kind == SectionType.SECTION_FULL and self.skip_unknown_devices:
+            self._defer_devices((section_id, idstr, instance_id, version_id), off)
+            return
         if entry is None and kind == SectionType.SECTION_FULL and (idstr, instance_id) in self._skip_sizes:
             # a device of the source we do not model (e.g. a real QEMU's CPU state): its
             # size comes from the vmdesc, as analyze-migration.py walks it
@@ -219,8 +244,15 @@ class StreamLoader:
             known = ", ".join(f"{e.idstr}/{e.instance_id}" for e in self.registry) or "none"
             # point at the field at fault: the instance if the idstr is known, else the idstr
             name_known = any(idstr in (e.idstr, e.compat_idstr) for e in self.registry)
+            hint = ""
+            if kind == SectionType.SECTION_FULL:
+                hint = ("; the source sends device state this program does not model (a QEMU sends its CPUs, "
+                        "timers and chipset this way): to take only what is registered here, let savevm skip "
+                        "the other device sections, sized from the stream's own vmdesc "
+                        "(savevm incoming --skip-unknown-devices, or StreamLoader/Incoming "
+                        "skip_unknown_devices=True; savevm.cli.qemu_guest:QemuGuest does so)")
             raise UnknownSectionError(
-                f"unknown section {idstr!r} instance {instance_id} (registered: {known})",
+                f"unknown section {idstr!r} instance {instance_id} (registered: {known}){hint}",
                 instance_off if name_known else idstr_off)
         if version_id > entry.version_id:
             raise VersionMismatchError(
@@ -243,6 +275,96 @@ class StreamLoader:
         else:
             loaded = vmstate.load_state(f, entry.device, version_id)
             self._pending_devices.append((entry, loaded))
+        self._footer(section_id, entry)
+        self.result.sections.append((idstr, instance_id, version_id))
+
+    def _defer_devices(self, first: tuple[int, str, int, int], off: int) -> None:
+        """An unknown device section and no vmdesc yet: buffer the tail, then walk it by the vmdesc.
+
+        QEMU writes its device sections after the last RAM chunk, then EOF,
+        then the vmdesc that sizes them, on the same connection; device state
+        is small, so the rest of the stream is read into memory (bounded)
+        until the vmdesc at its end is found: the last ``0x06`` whose be32
+        length reaches exactly to the end, right after an EOF byte.  The
+        source stops sending there (it closes, or waits for our SHUT).
+        """
+        f = self.f
+        base = f.pos  # first byte of the first deferred section's body
+        buf = bytearray()
+        limit = MAX_DEFERRED_DEVICES + MAX_VMDESC_TAIL
+        found: tuple[int, dict[str, Any]] | None = None
+        while found is None:
+            chunk = f.get_available(1 << 20)
+            if not chunk and self._skip_sizes:
+                break  # a source that sent no vmdesc: the reference's sizes are the fallback
+            if not chunk:
+                raise TruncatedStreamError(
+                    f"the stream ended after {len(buf)} bytes of device state with no vmdesc to size "
+                    f"section {first[1]!r} by (pass a vmdesc from the same kind of source: "
+                    "savevm incoming --vmdesc REF)", base + len(buf))
+            buf += chunk
+            if len(buf) > limit:
+                raise CorruptStreamError(
+                    f"more than {limit} bytes of device state without a vmdesc after section {first[1]!r}",
+                    base)
+            found = find_vmdesc(buf)
+        desc: dict[str, Any] | None = None
+        if found is not None:
+            marker, desc = found
+            if marker < 1 or buf[marker - 1] != SectionType.EOF:
+                raise CorruptStreamError("the vmdesc does not follow an EOF byte", base + marker)
+            self._skip_sizes = device_sizes(desc)  # the stream's own sizes win over a reference's
+            region = bytes(buf[: marker - 1])
+        else:
+            if not buf or buf[-1] != SectionType.EOF:
+                raise TruncatedStreamError("the stream ended inside its device sections", base + len(buf))
+            region = bytes(buf[:-1])
+        g = QEMUFile(MemoryChannel(region), base_offset=base)
+        outer, self.f = self.f, g
+        try:
+            section_id, idstr, instance_id, version_id = first
+            self._full_body(section_id, idstr, instance_id, version_id, off)
+            while not g.at_eof():
+                t_off = g.pos
+                t = g.get_byte()
+                if t != SectionType.SECTION_FULL:
+                    raise CorruptStreamError(
+                        f"expected a device section (0x04) before EOF, found 0x{t:02x}", t_off)
+                sid = g.get_be32()
+                name = g.get_counted_string()
+                inst = g.get_be32()
+                ver = g.get_be32()
+                self._full_body(sid, name, inst, ver, t_off)
+        finally:
+            self.f = outer
+        if self.keep_vmdesc and desc is not None:
+            self.result.vmdesc = desc
+        self._tail_done = True
+        log.info("loadvm_devices_sized_by_vmdesc", devices=len(self._skip_sizes),
+                 skipped=len(self.result.skipped))
+
+    def _full_body(self, section_id: int, idstr: str, instance_id: int, version_id: int, off: int) -> None:
+        """A deferred FULL section: load it if registered, else skip it by its described size."""
+        f = self.f
+        entry = self.registry.find(idstr, instance_id)
+        if entry is None:
+            size = self._skip_sizes.get((idstr, instance_id))
+            if size is None:
+                raise UnknownSectionError(
+                    f"device section {idstr!r} instance {instance_id} is neither registered here nor described "
+                    "by the stream's vmdesc", off)
+            f.skip(size)
+            self._check_footer(section_id, idstr)
+            self.result.skipped.append((idstr, instance_id, version_id))
+            return
+        if entry.is_live:
+            raise CorruptStreamError(f"section {idstr!r} is a live section but arrived as FULL", off)
+        if version_id > entry.version_id:
+            raise VersionMismatchError(
+                f"section {idstr!r} version {version_id} is newer than supported {entry.version_id}", off)
+        self._by_id[section_id] = (entry, version_id)
+        loaded = vmstate.load_state(f, entry.device, version_id)
+        self._pending_devices.append((entry, loaded))
         self._footer(section_id, entry)
         self.result.sections.append((idstr, instance_id, version_id))
 
@@ -307,9 +429,14 @@ class StreamLoader:
         raise CorruptStreamError(f"command {c.name} (postcopy/COLO) is not supported by savevm", off)
 
     def trailer(self) -> None:
+        """The vmdesc after EOF, then nothing (a file) or the handover (a live source)."""
+        if self._tail_done:
+            return
         f = self.f
-        if self.return_path is not None and self.return_path.negotiated and not self.config.send_vmdesc:
-            return  # nothing follows EOF until the handover, which waits for us: do not peek
+        rp = self.return_path
+        rp_open = rp is not None and rp.open
+        if rp_open and not self.config.send_vmdesc:
+            return  # nothing follows EOF until we answer (SHUT, or savevm's LOADED): do not peek
         nxt = f.peek_byte()
         if nxt is None:
             return
@@ -319,12 +446,16 @@ class StreamLoader:
             n = f.get_be32()
             if n > MAX_VMDESC:
                 raise CorruptStreamError(f"vmdesc length {n} exceeds {MAX_VMDESC}", off + 1)
-            raw = f.get_bytes(n, limit=MAX_VMDESC)
-            self.result.vmdesc = parse_vmdesc(raw, off + 5)
+            if self.keep_vmdesc:
+                self.result.vmdesc = parse_vmdesc(f.get_bytes(n, limit=MAX_VMDESC), off + 5)
+            else:
+                f.skip(n)  # never needed here: not even decoded
         else:
             raise TrailingDataError(f"unexpected byte 0x{nxt:02x} after EOF (expected vmdesc or end)", off)
-        if self.return_path is not None and self.return_path.negotiated:
-            return  # a savevm source's handover (GO / ABORT) follows; the caller reads it
+        if rp_open:
+            # a live source waits for our SHUT (QEMU) or LOADED (savevm, whose GO/ABORT follows):
+            # peeking for more would wait forever
+            return
         if self.require_eof and f.peek_byte() is not None:
             raise TrailingDataError("trailing data after the vmdesc", f.pos)
 

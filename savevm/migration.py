@@ -48,7 +48,7 @@ from savevm.errors import (
     MigrationFailed,
     TruncatedStreamError,
 )
-from savevm.format import Command
+from savevm.format import MULTIFD_MAGIC, Command
 from savevm.guest import Guest, NullGuest
 from savevm.handlers import SaveContext
 from savevm.load import StreamLoader
@@ -635,11 +635,18 @@ class Incoming(MigrationBase):
         self.bytes_loaded = 0
         self.accept_timeout: float | None = None
         self._rp: DestReturnPath | None = None
+        self._watcher: threading.Thread | None = None
+        self._listener_closed = False
+        self._extra_error: MigrationError | None = None
         self.runstate = RunState.INMIGRATE
         self.bound_fired: str | None = None
         #: a vmdesc describing device sections this side does not model (e.g. a real QEMU
-        #: source's CPUs and chipset), so they are skipped by size instead of refused
+        #: source's CPUs and chipset), so they are skipped by size instead of refused; only
+        #: needed for a source that sends no vmdesc of its own
         self.vmdesc: dict[str, Any] | None = None
+        #: skip device sections this side does not model, sized from the stream's own vmdesc
+        #: (a RAM-only receiver of a QEMU); otherwise an unknown device section is refused
+        self.skip_unknown_devices = False
 
     def listen(self) -> str:
         """Start listening; returns the real URI (``tcp:127.0.0.1:0`` gets its port)."""
@@ -694,6 +701,7 @@ class Incoming(MigrationBase):
         finally:
             self._t_end = time.monotonic()
             if self._listener is not None:
+                self._listener_closed = True
                 self._listener.close()
             if self._channel is not None:
                 try:
@@ -706,6 +714,9 @@ class Incoming(MigrationBase):
         if self._channel is None:
             assert self._listener is not None
             self._channel = self._listener.accept(self.accept_timeout)
+            self._watcher = threading.Thread(target=self._watch_listener, name="savevm-incoming-watch",
+                                             daemon=True)
+            self._watcher.start()
         self._t_start = time.monotonic()
         self._set_state(MigrationState.ACTIVE)
         sock = _socket_of(self._channel)
@@ -715,8 +726,11 @@ class Incoming(MigrationBase):
         rp = self._rp = DestReturnPath(sock) if sock is not None else None
         f = self._f = QEMUFile(self._channel)
         f.return_path = rp
-        StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc, return_path=rp).load()
+        StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc, return_path=rp,
+                     skip_unknown_devices=self.skip_unknown_devices or self.vmdesc is not None,
+                     keep_vmdesc=False).load()
         self.bytes_loaded = f.pos
+        self._check_extra_connections()
         if rp is not None and rp.negotiated:
             rp.send(RPMessage.LOADED, encode_json({"bytes": f.pos}))
             self._await_go(f, sock)
@@ -727,6 +741,53 @@ class Incoming(MigrationBase):
             rp.shut(0)
         self._set_state(MigrationState.COMPLETED)
         self.log.info("migration_incoming_completed", bytes=f.pos)
+
+    def _watch_listener(self) -> None:
+        """One stream per listener: any other connection is inspected, refused and logged.
+
+        A QEMU source with capability ``multifd`` sends its pages over extra
+        connections; loading only the main stream would "complete" with
+        those pages missing, so such a connection fails the migration at once.
+        """
+        lst = self._listener
+        while lst is not None and not self._done.is_set():
+            try:
+                extra = lst.accept(0.25)
+            except ChannelError:
+                if self._listener_closed:
+                    return
+                continue
+            self._inspect_extra(extra)
+
+    def _inspect_extra(self, extra: Channel) -> None:
+        sock = _socket_of(extra)
+        head = b""
+        if sock is not None:
+            try:
+                sock.settimeout(2.0)
+                head = sock.recv(4, socket.MSG_PEEK)
+            except OSError:
+                head = b""
+        name = getattr(extra, "name", "?")
+        if head == MULTIFD_MAGIC.to_bytes(4, "big"):
+            self._extra_error = MigrationFailed(
+                "the source has capability multifd: its pages travel over extra connections savevm does not "
+                f"receive ({name}); turn multifd off on the source (migrate-set-capabilities multifd off)")
+            self.log.error("migration_incoming_multifd_refused", peer=name)
+            shut = getattr(self._channel, "shutdown", None)
+            if shut is not None:
+                shut()  # end the load now rather than waiting on a source stalled by its multifd channels
+        else:
+            self.log.warning("migration_incoming_refused_connection", peer=name, first_bytes=head.hex())
+        try:
+            extra.close()
+        except Exception:
+            self.log.debug("incoming_extra_close_failed")
+
+    def _check_extra_connections(self) -> None:
+        """Before anything is reported loaded: did a multifd channel show up?"""
+        if self._extra_error is not None:
+            raise self._extra_error
 
     def _await_go(self, f: QEMUFile, sock: socket.socket | None) -> None:
         """Loaded: wait for the source's GO (or ABORT); without it the program never runs here."""
@@ -757,6 +818,9 @@ class Incoming(MigrationBase):
     def _fail(self, exc: BaseException) -> None:
         if getattr(self, "_cancelled", False) and not isinstance(exc, MigrationCancelled):
             err: MigrationError = MigrationCancelled(f"incoming migration cancelled ({exc})")
+            err.__cause__ = exc
+        elif self._extra_error is not None:
+            err = self._extra_error  # the real cause of a load cut short
             err.__cause__ = exc
         elif isinstance(exc, MigrationError):
             err = exc

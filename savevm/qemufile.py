@@ -58,8 +58,11 @@ class QEMUFile:
     or ``QEMUFile(ch)``), like QEMU's ``qemu_file_new_output/input``.
     """
 
-    def __init__(self, channel: Channel, *, writable: bool = False, rate_limit: int = 0) -> None:
+    def __init__(self, channel: Channel, *, writable: bool = False, rate_limit: int = 0,
+                 base_offset: int = 0) -> None:
         self.channel = channel
+        #: stream offset of this file's first byte (a part of a stream read again from memory)
+        self._base = base_offset
         self.writable = writable
         #: the migration's return path, when it has one (QEMU's qemu_file_get_return_path): a
         #: ``SourceReturnPath`` on the source's stream, a ``DestReturnPath`` on the destination's
@@ -106,8 +109,8 @@ class QEMUFile:
     def pos(self) -> int:
         """Bytes put (writer) or consumed (reader) so far: the stream offset."""
         if self.writable:
-            return self._written + self._pending
-        return self._consumed + self._rpos
+            return self._base + self._written + self._pending
+        return self._base + self._consumed + self._rpos
 
     transferred = pos
 
@@ -400,7 +403,7 @@ class QEMUFile:
             try:
                 r = self.channel.readinto(dest[got:])
             except OSError as exc:
-                err = ChannelError(f"read failed at offset {self._consumed}: {exc}")
+                err = ChannelError(f"read failed at offset {self.pos}: {exc}")
                 self.set_error(err)
                 raise err from exc
             if r == 0:
@@ -437,6 +440,22 @@ class QEMUFile:
         except TruncatedStreamError:
             pass
         return self._rend - self._rpos
+
+    def get_available(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes: what is staged, else one read from the channel; b"" at the end.
+
+        For a reader that must not wait for more than the peer has sent (it
+        decides by itself when it has enough).
+        """
+        if self._rend - self._rpos == 0:
+            try:
+                self._fill(1)
+            except TruncatedStreamError:
+                return b""
+        n = min(limit, self._rend - self._rpos)
+        out = bytes(self._stage_mv[self._rpos : self._rpos + n])
+        self._rpos += n
+        return out
 
     def at_eof(self) -> bool:
         """True if no byte is left to read."""

@@ -106,9 +106,12 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     i.add_argument("--guest", required=True, help="MODULE:CALLABLE returning the program")
     i.add_argument("--guest-arg", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--print-uri", action="store_true", help="print the listening URI as the first stdout line")
+    i.add_argument("--skip-unknown-devices", action="store_true",
+                   help="skip device sections the program does not model (e.g. a QEMU's CPUs), sized from the "
+                        "vmdesc the source sends after its stream (QemuGuest does this by itself)")
     i.add_argument("--vmdesc", metavar="FILE",
-                   help="a stream file (or vmdesc JSON) from the same kind of source: device sections "
-                        "this side does not model are skipped by their described size")
+                   help="fallback for sources that send no vmdesc: a stream file (or vmdesc JSON) from the same "
+                        "kind of source, whose sizes are used to skip device sections this side does not model")
     i.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the source to connect, and the longest silence once connected")
     migration_options(i)

@@ -56,6 +56,7 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     inc.accept_timeout = args.timeout
     if args.vmdesc:
         inc.vmdesc = _read_vmdesc_arg(args.vmdesc)
+    inc.skip_unknown_devices = bool(args.skip_unknown_devices or getattr(prog, "skip_unknown_devices", False))
     uri = inc.listen()
     if args.print_uri:
         print(uri, flush=True)

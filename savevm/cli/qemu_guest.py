@@ -29,6 +29,9 @@ def _ram_plugin() -> Any:
 class QemuGuest:
     """RAM-only receiver for QEMU streams (nothing to pause; nothing runs)."""
 
+    #: take only RAM: a QEMU's CPU, timer and chipset sections are skipped, sized by its vmdesc
+    skip_unknown_devices = True
+
     def __init__(self, dump_dir: str | None = None, max_ram: str = "64G") -> None:
         from savevm.config import parse_size
 
