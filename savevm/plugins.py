@@ -20,7 +20,7 @@ import pluggy
 
 from savevm import hookspecs
 from savevm.config import MigrationConfig
-from savevm.errors import PluginError, URIError
+from savevm.errors import ConfigError, PluginError, URIError
 from savevm.logging import get_logger
 
 if TYPE_CHECKING:
@@ -171,6 +171,15 @@ class PluginHost:
         """
         carrier = self.config.transports.get(scheme, scheme)
         t: Transport | None = self.pm.hook.savevm_get_transport(scheme=carrier, config=self.config)
+        if t is not None and carrier != scheme:
+            own: Transport | None = self.pm.hook.savevm_get_transport(scheme=scheme, config=self.config)
+            if own is not None:
+                k_own, k_t = getattr(own, "address_kind", None), getattr(t, "address_kind", None)
+                if k_own is None or k_own != k_t:
+                    # e.g. tcp = "exec" would run tcp:HOST:PORT addresses as shell commands
+                    raise ConfigError("transports", f"cannot route {scheme}: URIs over {carrier!r}: {scheme} "
+                                                    f"addresses are {k_own or 'of unknown kind'}, {carrier} takes "
+                                                    f"{k_t or 'an unknown kind'}")
         if t is None:
             via = f" (routed to {carrier!r} by the transports config)" if carrier != scheme else ""
             raise URIError(f"{scheme}:", f"no transport for scheme {scheme!r}{via} "

@@ -57,6 +57,9 @@ class Transport(Protocol):
     """A URI scheme: how to connect (source side) and listen (destination side)."""
 
     scheme: str
+    #: what an address is ("inet", "unix", "path", "fd", "command"): ``[transports]`` routes a
+    #: scheme only to a transport of the same kind
+    address_kind: str
 
     def connect(self, address: str) -> Channel:
         """Open the outgoing channel for ``scheme:address``."""

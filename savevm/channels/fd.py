@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from savevm.channels.base import Buffer, writev_all
 from savevm.errors import ChannelError, URIError
+from savevm.files import create_private_temp
 
 
 class FdChannel:
@@ -53,11 +54,14 @@ class _OnceListener:
 class FileTransport:
     """``file:PATH``: outgoing creates/truncates, incoming reads.
 
-    The outgoing side writes to ``PATH.part`` and renames on close, so a
-    failed migration never leaves a truncated file where a good one was.
+    The outgoing side writes a new 0600 file with an unpredictable name next
+    to PATH (``.NAME.XXXX.part``, created with O_EXCL so no planted symlink
+    is followed) and renames it over PATH on close, so a failed migration
+    never leaves a truncated file where a good one was.
     """
 
     scheme = "file"
+    address_kind = "path"
 
     def connect(self, address: str) -> FdChannel:
         if not address:
@@ -68,11 +72,7 @@ class FileTransport:
             except OSError as exc:
                 raise ChannelError(f"cannot open file:{address}: {exc}") from exc
             return FdChannel(fd, f"file:{address}")
-        tmp = address + ".part"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:
-            raise ChannelError(f"cannot open file:{address}: {exc}") from exc
+        fd, tmp = create_private_temp(address)
         return _AtomicFileChannel(fd, f"file:{address}", tmp, address)
 
     def listen(self, address: str) -> _OnceListener:
@@ -118,6 +118,7 @@ class FdTransport:
     """``fd:N``: an already open descriptor inherited from the caller."""
 
     scheme = "fd"
+    address_kind = "fd"
 
     def _fd(self, address: str) -> int:
         if not address.isdigit():
@@ -157,6 +158,7 @@ class ExecTransport:
     """``exec:CMD``: outgoing writes to CMD's stdin, incoming reads its stdout."""
 
     scheme = "exec"
+    address_kind = "command"
 
     def connect(self, address: str) -> ExecChannel:
         if not address.strip():

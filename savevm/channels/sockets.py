@@ -10,6 +10,8 @@ from savevm.channels.base import Buffer, writev_all
 from savevm.errors import ChannelError, URIError
 
 SOCK_BUF = 4 << 20
+#: pending connections a listener queues (one is the migration; the others get refused)
+LISTEN_BACKLOG = 8
 
 
 class SocketChannel:
@@ -51,13 +53,18 @@ def _tune(sock: socket.socket) -> None:
 
 
 def parse_host_port(address: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` or ``[V6]:PORT``; raises URIError."""
+    """Split ``HOST:PORT`` or ``[V6]:PORT``; raises URIError.
+
+    An empty host (``tcp::4444``) is kept empty: QEMU listens on every
+    interface then, and connects to the local host.
+    """
     if address.startswith("["):
         host, sep, port = address[1:].partition("]:")
     else:
         host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise URIError(f"tcp:{address}", "expected tcp:HOST:PORT with a port 0-65535")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise URIError(f"tcp:{address}", "expected tcp:HOST:PORT (HOST may be empty: all interfaces) with a "
+                                         "port 0-65535")
     return host, int(port)
 
 
@@ -99,11 +106,13 @@ class TcpTransport:
     """``tcp:HOST:PORT``."""
 
     scheme = "tcp"
+    #: what an address of this scheme is: routing (``[transports]``) only maps like to like
+    address_kind = "inet"
 
     def connect(self, address: str) -> SocketChannel:
         host, port = parse_host_port(address)
         try:
-            sock = socket.create_connection((host, port))
+            sock = socket.create_connection((host or "localhost", port))
         except OSError as exc:
             raise ChannelError(f"cannot connect to tcp:{address}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -113,15 +122,18 @@ class TcpTransport:
     def listen(self, address: str) -> SocketListener:
         host, port = parse_host_port(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        _tune(sock)
+        dual = False
+        if not host:  # tcp::PORT: every interface, as QEMU does
+            dual = socket.has_dualstack_ipv6()
+            family, host = (socket.AF_INET6, "::") if dual else (socket.AF_INET, "0.0.0.0")
         try:
-            sock.bind((host, port))
-            sock.listen(1)
+            # a backlog above 1: connections beyond the migration's own are accepted to be
+            # inspected, refused and logged (a multifd source, a second client)
+            sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=False,
+                                        dualstack_ipv6=dual)
         except OSError as exc:
-            sock.close()
             raise ChannelError(f"cannot listen on tcp:{address}: {exc}") from exc
+        _tune(sock)
         real_port = sock.getsockname()[1]
         h = f"[{host}]" if family == socket.AF_INET6 else host
         return SocketListener(sock, f"tcp:{h}:{real_port}")
@@ -131,6 +143,7 @@ class UnixTransport:
     """``unix:PATH``."""
 
     scheme = "unix"
+    address_kind = "unix"
 
     def connect(self, address: str) -> SocketChannel:
         if not address:
@@ -150,10 +163,14 @@ class UnixTransport:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(address)
-            sock.listen(1)
+            sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
             raise ChannelError(f"cannot listen on unix:{address}: {exc}") from exc
+        try:
+            os.chmod(address, 0o600)  # only this user may hand us a stream
+        except OSError:
+            pass
         lst = SocketListener(sock, f"unix:{address}")
         lst._cleanup_path = address
         return lst

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from savevm.errors import PluginError
+from savevm.files import open_under
 
 
 def _ram_plugin() -> Any:
@@ -49,10 +50,11 @@ class QemuGuest:
         """Loaded: write the blocks out if asked to."""
         if not self.dump_dir:
             return
+        os.makedirs(self.dump_dir, mode=0o700, exist_ok=True)
         for b in self.ram:
-            path = os.path.join(self.dump_dir, b.idstr.lstrip("/"))
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path, "wb") as fh:
+            # the name came from the peer: it never picks a path outside dump_dir (see savevm.files)
+            fd = open_under(self.dump_dir, b.idstr)
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(b.mv[: b.used_length])
 
     def set_throttle(self, percent: int) -> None:

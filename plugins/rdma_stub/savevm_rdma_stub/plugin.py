@@ -87,6 +87,7 @@ class RdmaTransport:
     """``rdma:HOST:PORT``: control over TCP, pages through shared memory."""
 
     scheme = "rdma"
+    address_kind = "inet"
 
     def connect(self, address: str) -> RdmaChannel:
         ch = TcpTransport().connect(address)
