@@ -143,6 +143,13 @@ class MigrationParameters:
     #: the source waits this long for LOADED and then RESUMED (or a QEMU's SHUT) after the stream;
     #: the destination waits this long for GO once it has loaded
     x_handover_timeout: int = _p("x-handover-timeout", 30_000, "int", _in_range(100, 3_600_000))
+    #: no progress on the connection (nothing written, or nothing received) for this long while the
+    #: program runs fails the migration, on either side
+    x_stall_timeout: int = _p("x-stall-timeout", 30_000, "int", _in_range(100, 3_600_000))
+    #: the same bound once the source program is paused for the last pass: every second counts
+    x_switchover_timeout: int = _p("x-switchover-timeout", 5_000, "int", _in_range(100, 3_600_000))
+    #: the source's connect to the destination
+    x_connect_timeout: int = _p("x-connect-timeout", 10_000, "int", _in_range(100, 3_600_000))
 
     @classmethod
     def names(cls) -> dict[str, attrs.Attribute]:

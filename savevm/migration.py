@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import abc
 import enum
+import hmac
+import secrets
 import socket
 import threading
 import time
@@ -57,6 +59,7 @@ from savevm.qemufile import QEMUFile
 from savevm.return_path import (
     MAX_LEN,
     NEGOTIATE_PING,
+    NONCE_LEN,
     DestReturnPath,
     RPMessage,
     SourceReturnPath,
@@ -122,6 +125,17 @@ _ALLOWED = {
     MigrationState.DEVICE: {MigrationState.COMPLETED, MigrationState.FAILED, MigrationState.CANCELLING},
     MigrationState.CANCELLING: {MigrationState.CANCELLED, MigrationState.FAILED},
 }
+
+
+def _timed_out(exc: BaseException | None) -> bool:
+    """Did a socket timeout (a named bound) cause this error, anywhere down its cause chain?"""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, TimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _socket_of(channel: Channel | None) -> socket.socket | None:
@@ -266,6 +280,8 @@ class Migration(MigrationBase):
         self.runstate = RunState.RUNNING
         #: which named bound ended the migration, if one did (e.g. "x-handover-timeout")
         self.bound_fired: str | None = None
+        #: the no-progress bound in force (x-stall-timeout, then x-switchover-timeout while paused)
+        self._stall_bound = "x-stall-timeout"
         # timing and counters (ms unless named otherwise)
         self._t_start = 0.0
         self._t_end: float | None = None
@@ -412,12 +428,56 @@ class Migration(MigrationBase):
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled")
 
+    def _connect(self, uri: str) -> Channel:
+        """open_channel, bounded by x-connect-timeout and interrupted by cancel.
+
+        The connect runs in a helper thread, so any transport (a plugin's
+        too) is bounded without knowing about timeouts: on timeout or cancel
+        the migration ends at once, and a connection that arrives later is
+        closed by the helper.
+        """
+        timeout = self.config.parameters.x_connect_timeout / 1000
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                box["ch"] = open_channel(uri, self.registry.plugins)
+            except BaseException as exc:
+                box["exc"] = exc
+            done.set()
+            if box.get("abandoned") and "ch" in box:
+                box["ch"].close()
+
+        threading.Thread(target=run, name="savevm-connect", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.05):
+            if self._cancel.is_set() or time.monotonic() > deadline:
+                box["abandoned"] = True
+                if done.is_set() and "ch" in box:
+                    box["ch"].close()
+                self._check_cancel()
+                self.bound_fired = "x-connect-timeout"
+                raise ChannelError(f"cannot connect to {uri} within {timeout:g}s (x-connect-timeout)")
+        if "exc" in box:
+            raise box["exc"]
+        ch: Channel = box["ch"]
+        return ch
+
+    def _set_stall_bound(self, param: str) -> None:
+        """No progress on the socket for this long fails the migration (a send that blocks, a silent peer)."""
+        self._stall_bound = param
+        sock = _socket_of(self._channel)
+        if sock is not None:
+            sock.settimeout(self.config.param(param) / 1000)
+
     def _migrate(self) -> None:
         cfg = self.config
         if self._channel is None:
             assert self.uri is not None
-            self._channel = open_channel(self.uri, self.registry.plugins)
+            self._channel = self._connect(self.uri)
         self._check_cancel()
+        self._set_stall_bound("x-stall-timeout")
         f = self._f = QEMUFile(self._channel, writable=True, rate_limit=cfg.parameters.max_bandwidth)
         w = self._writer = StreamWriter(f, self.registry, cfg)
         self._apply_config(cfg)
@@ -469,6 +529,7 @@ class Migration(MigrationBase):
         self.guest.pause()
         self._paused = True
         self.runstate = RunState.FINISH_MIGRATE
+        self._set_stall_bound("x-switchover-timeout")
         self._check_cancel()
         f.set_rate_limit(0)
         w.complete_precopy()
@@ -512,8 +573,11 @@ class Migration(MigrationBase):
                 "so the source keeps the program")
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled before the handover")
+        nonce = bytes.fromhex(str(rp.loaded.get("nonce", ""))) if rp.loaded else b""
+        if len(nonce) != NONCE_LEN:
+            raise MigrationFailed("the destination's LOADED carries no valid nonce to answer")
         self._go_sent = True  # from the first byte of GO on, the destination may run
-        f.put_buffer(frame(RPMessage.GO))
+        f.put_buffer(frame(RPMessage.GO, nonce))
         f.flush()
         if f.get_error() is not None:
             raise HandoverUncertain(f"sending GO failed ({f.get_error()}); the destination may or may not run: "
@@ -552,8 +616,13 @@ class Migration(MigrationBase):
             if rp.refused:
                 err = MigrationFailed(f"destination refused the stream: {rp.refused}")
                 err.__cause__ = exc
+        if self.bound_fired is None and _timed_out(exc):
+            self.bound_fired = self._stall_bound
+            err = MigrationFailed(f"no progress on the connection for {self.config.param(self._stall_bound)} ms "
+                                  f"({self._stall_bound}): {err}")
+            err.__cause__ = exc
         self.error = err
-        self.log.error("migrate_fd_error", error=str(err))
+        self.log.error("migrate_fd_error", error=str(err), bound=self.bound_fired)
         self._abort_sections()
         if self._go_sent:
             # the destination may run the program: resuming ours could make two
@@ -720,9 +789,10 @@ class Incoming(MigrationBase):
         self._t_start = time.monotonic()
         self._set_state(MigrationState.ACTIVE)
         sock = _socket_of(self._channel)
-        if sock is not None and self.accept_timeout is not None:
+        if sock is not None:
             # a source that goes silent this long is gone: fail instead of waiting forever
-            sock.settimeout(self.accept_timeout)
+            sock.settimeout(self.accept_timeout if self.accept_timeout is not None
+                            else self.config.parameters.x_stall_timeout / 1000)
         rp = self._rp = DestReturnPath(sock) if sock is not None else None
         f = self._f = QEMUFile(self._channel)
         f.return_path = rp
@@ -732,8 +802,9 @@ class Incoming(MigrationBase):
         self.bytes_loaded = f.pos
         self._check_extra_connections()
         if rp is not None and rp.negotiated:
-            rp.send(RPMessage.LOADED, encode_json({"bytes": f.pos}))
-            self._await_go(f, sock)
+            nonce = secrets.token_bytes(NONCE_LEN)
+            rp.send(RPMessage.LOADED, encode_json({"bytes": f.pos, "nonce": nonce.hex()}))
+            self._await_go(f, sock, nonce)
         self.guest.resume()
         self.runstate = RunState.RUNNING
         if rp is not None:
@@ -789,7 +860,7 @@ class Incoming(MigrationBase):
         if self._extra_error is not None:
             raise self._extra_error
 
-    def _await_go(self, f: QEMUFile, sock: socket.socket | None) -> None:
+    def _await_go(self, f: QEMUFile, sock: socket.socket | None, nonce: bytes) -> None:
         """Loaded: wait for the source's GO (or ABORT); without it the program never runs here."""
         timeout = self.config.parameters.x_handover_timeout / 1000
         if sock is not None:
@@ -814,6 +885,9 @@ class Incoming(MigrationBase):
                                   "program stays paused here")
         if t != RPMessage.GO:
             raise CorruptStreamError(f"expected GO or ABORT after the stream, found {t.name}", off)
+        if not hmac.compare_digest(body, nonce):
+            raise MigrationFailed("GO does not answer this destination's LOADED (a replayed or forged stream): "
+                                  "the program stays paused here")
 
     def _fail(self, exc: BaseException) -> None:
         if getattr(self, "_cancelled", False) and not isinstance(exc, MigrationCancelled):
@@ -827,8 +901,13 @@ class Incoming(MigrationBase):
         else:
             err = MigrationFailed(f"incoming migration failed: {exc!r}")
             err.__cause__ = exc
+        if self.bound_fired is None and _timed_out(exc):
+            bound = "--timeout" if self.accept_timeout is not None else "x-stall-timeout"
+            self.bound_fired = bound
+            err = MigrationFailed(f"the source sent nothing for too long ({bound}): {err}")
+            err.__cause__ = exc
         self.error = err
-        self.log.error("load_migration_failed", error=str(err))
+        self.log.error("load_migration_failed", error=str(err), bound=self.bound_fired)
         rp = self._rp
         if rp is not None:
             rp.send(RPMessage.REFUSED, str(err).encode()[:4000])

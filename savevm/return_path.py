@@ -19,7 +19,8 @@ so a QEMU never reads a message type it does not know:
   checked; it waits for the go, carrying its digests), ``RESUMED`` (it runs
   the program), ``REFUSED`` (why it rejected the stream);
 * source → destination, after the stream's end, in the same framing: ``GO``
-  (take over) or ``ABORT`` (do not).
+  (take over; it echoes the nonce of this destination's LOADED, so a
+  replayed recording cannot start a program) or ``ABORT`` (do not).
 
 That exchange is the two-phase handover: the destination never runs the
 program before the source said go, and the source never resumes its own
@@ -48,6 +49,9 @@ _HDR = struct.Struct(">HH")
 NEGOTIATE_PING: Final = 0x73766D01
 #: A savevm destination's PONG to :data:`NEGOTIATE_PING` (a QEMU echoes the PING value instead).
 NEGOTIATE_PONG: Final = 0x01766D73
+#: LOADED carries a fresh random nonce and GO must echo it: a recorded stream replayed to a
+#: destination cannot make it run (its GO answers another destination's LOADED).
+NONCE_LEN: Final = 16
 #: QEMU's source rejects longer return-path messages.
 QEMU_MAX_LEN: Final = 512
 #: savevm's own messages may use the whole be16 length.
@@ -77,7 +81,7 @@ class RPMessage(enum.IntEnum):
 
 #: Fixed body lengths where the type defines one (-1: variable).
 FIXED_LEN: Final = {RPMessage.SHUT: 4, RPMessage.PONG: 4, RPMessage.REQ_PAGES: 12, RPMessage.RESUME_ACK: 4,
-                    RPMessage.PROGRESS: 24, RPMessage.RESUMED: 0, RPMessage.GO: 0}
+                    RPMessage.PROGRESS: 24, RPMessage.RESUMED: 0, RPMessage.GO: NONCE_LEN}
 QEMU_TYPES: Final = frozenset(range(1, 7))
 
 
@@ -174,6 +178,11 @@ class SourceReturnPath:
         while len(buf) < n:
             try:
                 chunk = self.sock.recv(n - len(buf))
+            except TimeoutError:
+                # the socket's timeout bounds the stream's writes; silence here is normal
+                if self._cancel.is_set():
+                    return None
+                continue
             except OSError as exc:
                 if self._cancel.is_set():
                     return None
