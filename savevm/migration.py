@@ -791,8 +791,7 @@ class Incoming(MigrationBase):
         sock = _socket_of(self._channel)
         if sock is not None:
             # a source that goes silent this long is gone: fail instead of waiting forever
-            sock.settimeout(self.accept_timeout if self.accept_timeout is not None
-                            else self.config.parameters.x_stall_timeout / 1000)
+            sock.settimeout(self.config.parameters.x_stall_timeout / 1000)
         rp = self._rp = DestReturnPath(sock) if sock is not None else None
         f = self._f = QEMUFile(self._channel)
         f.return_path = rp
@@ -902,9 +901,11 @@ class Incoming(MigrationBase):
             err = MigrationFailed(f"incoming migration failed: {exc!r}")
             err.__cause__ = exc
         if self.bound_fired is None and _timed_out(exc):
-            bound = "--timeout" if self.accept_timeout is not None else "x-stall-timeout"
-            self.bound_fired = bound
-            err = MigrationFailed(f"the source sent nothing for too long ({bound}): {err}")
+            connected = self._t_start > 0
+            self.bound_fired = "x-stall-timeout" if connected else "accept-timeout"
+            err = MigrationFailed(
+                f"the source sent nothing for {self.config.parameters.x_stall_timeout} ms (x-stall-timeout): {err}"
+                if connected else f"no source connected within {self.accept_timeout:g}s: {err}")
             err.__cause__ = exc
         self.error = err
         self.log.error("load_migration_failed", error=str(err), bound=self.bound_fired)

@@ -113,7 +113,8 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
                    help="fallback for sources that send no vmdesc: a stream file (or vmdesc JSON) from the same "
                         "kind of source, whose sizes are used to skip device sections this side does not model")
     i.add_argument("--timeout", type=float, default=None,
-                   help="seconds to wait for the source to connect, and the longest silence once connected")
+                   help="seconds to wait for a source to connect (default: no limit); once connected, silence is "
+                        "bounded by the x-stall-timeout parameter (--set x-stall-timeout=MS, default 30000)")
     migration_options(i)
     common_options(i)
     i.set_defaults(func=_run("cmd_incoming"))
