@@ -82,3 +82,27 @@ class DiesOnResumeDemo(DemoProgram):
         import os
 
         os._exit(3)
+
+
+class SneakyDemo(RecordingDemo):
+    """A source whose workload writes its numpy buffers directly, telling the tracker nothing."""
+
+    def _run(self) -> None:
+        import time
+
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed + 7)
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                self._idle.set()
+                time.sleep(0.001)
+                continue
+            self._idle.clear()
+            for _ in range(64):
+                buf = self.buffers[int(rng.integers(len(self.buffers)))]
+                page = int(rng.integers(len(buf) // 4096))
+                buf[page * 4096 : page * 4096 + 16] = rng.integers(0, 256, 16, dtype=np.uint8)
+            self.pages_dirtied += 64
+            self._idle.set()
+            time.sleep(0.005)

@@ -15,6 +15,14 @@ Two providers, chosen per block:
 One :class:`DirtyBitmap` per migration holds the bitmap (one bool per page,
 per block) and QEMU's counters: dirty pages in the current period, the
 dirty page rate and the bitmap sync count.
+
+The tracked provider trusts the program; :class:`TrackerAudit` checks that
+trust cheaply.  At every sync it fingerprints a rotating sample of pages
+and re-checks the sample of the previous syncs: a sampled page whose
+contents changed although no write was logged for it was written around
+the tracker, and the migration fails before the destination can take over
+a copy that differs (the check runs at the final sync too, while the
+program is paused).
 """
 
 from __future__ import annotations
@@ -23,14 +31,82 @@ import time
 
 import numpy as np
 
+from savevm.errors import MigrationError
 from savevm.logging import get_logger
 from savevm_ram.block import RAMBlock, RAMList
+from savevm_ram.fingerprint import fingerprints
 from savevm_ram.wire import PAGE_SIZE
 
 log = get_logger("savevm.ram")
 
 #: Pages compared per numpy call by the compare provider (16 MiB).
 COMPARE_CHUNK_PAGES = 4096
+#: Pages of a tracked block the audit keeps fingerprints of (32 MiB: ~6 ms to re-check at a sync).
+AUDIT_SAMPLE_PAGES = 8192
+#: Sampled pages replaced by fresh ones at each sync, so the sample walks the whole block.
+AUDIT_ROTATE_PAGES = 1024
+
+
+class UntrackedWriteError(MigrationError):
+    """Pages changed although nobody marked them dirty: the destination would hold stale copies."""
+
+
+class TrackerAudit:
+    """A rotating sample of one tracked block's pages, with their fingerprints at the last sync."""
+
+    def __init__(self, block: RAMBlock, seed: int) -> None:
+        self.block = block
+        self._rng = np.random.default_rng(seed)
+        self.pages = np.empty(0, dtype=np.intp)
+        self.fps = np.empty(0, dtype=np.uint64)
+        #: pages seen changed without a mark at the last check (cleared if the mark comes by the next)
+        self.suspects = np.empty(0, dtype=np.intp)
+        #: pages checked so far (for the stats and the tests)
+        self.checked = 0
+
+    def check(self, logged: np.ndarray, *, final: bool = False) -> None:
+        """After a sync's log was taken: verify unlogged sampled pages, then rotate the sample.
+
+        ``logged`` is the tracker's log of this period (True = a write was
+        recorded).  A program may write a page and mark it a moment later
+        (``RAMBlock.write`` does exactly that), so a changed, unlogged page
+        is only a suspect until the next sync: if its mark arrived by then
+        it was a tracked write.  At the final sync the program is paused and
+        every mark is in, so a change without one is a verdict.
+        """
+        b = self.block
+        view = b.host[: b.pages * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+        untracked = self.suspects[self.suspects < b.pages]
+        untracked = untracked[~logged[untracked]]
+        keep = self.pages < b.pages
+        pages, fps = self.pages[keep], self.fps[keep]
+        suspects = np.empty(0, dtype=np.intp)
+        if pages.size:
+            now = fingerprints(view[pages])
+            quiet = ~logged[pages]
+            changed = pages[quiet & (now != fps)]
+            self.checked += int(np.count_nonzero(quiet))
+            if final:
+                untracked = np.union1d(untracked, changed)
+            else:
+                suspects = changed
+            fps = now
+        self.suspects = suspects
+        if untracked.size:
+            raise UntrackedWriteError(
+                f"RAMBlock {b.idstr!r}: {int(untracked.size)} sampled page(s) (e.g. page {int(untracked[0])}) "
+                "changed without being marked dirty, so the destination would hold stale copies: write "
+                "through RAMBlock.write() or call mark_dirty(), or register the block with dirty='compare'")
+        # rotate: drop the oldest, add fresh random pages
+        if pages.size >= AUDIT_SAMPLE_PAGES:
+            pages, fps = pages[AUDIT_ROTATE_PAGES:], fps[AUDIT_ROTATE_PAGES:]
+        want = min(AUDIT_ROTATE_PAGES if pages.size else AUDIT_SAMPLE_PAGES, b.pages)
+        if want:
+            fresh = np.unique(self._rng.integers(0, b.pages, want, dtype=np.intp))
+            fresh = np.setdiff1d(fresh, pages, assume_unique=True)
+            pages = np.concatenate([pages, fresh])
+            fps = np.concatenate([fps, fingerprints(view[fresh])])
+        self.pages, self.fps = pages, fps
 
 
 class DirtyBitmap:
@@ -50,6 +126,9 @@ class DirtyBitmap:
         self.dirty_pages_rate = 0
         self.period_start = time.monotonic()
         self.started = False
+        #: tracked blocks' audits (see TrackerAudit); off with audit=False
+        self.audit = True
+        self._audits: dict[str, TrackerAudit] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -66,6 +145,8 @@ class DirtyBitmap:
         self.dirty_pages += b.pages
         if b.dirty_provider == "tracked":
             b._start_log()
+            if self.audit:
+                self._audits[b.idstr] = TrackerAudit(b, seed=len(self._audits) + 1)
         else:
             self._shadows[b.idstr] = b.host[: b.max_length].copy()
 
@@ -74,6 +155,7 @@ class DirtyBitmap:
         for b in self.ram:
             b._stop_log()
         self._shadows.clear()
+        self._audits.clear()
         self.started = False
 
     # ------------------------------------------------------------ sync
@@ -86,6 +168,7 @@ class DirtyBitmap:
         for name in [n for n in self.bitmaps if n not in present]:
             self.dirty_pages -= int(np.count_nonzero(self.bitmaps.pop(name)))
             self._shadows.pop(name, None)
+            self._audits.pop(name, None)
         added = 0
         for b in self.ram:
             if b.idstr not in self.bitmaps:
@@ -93,8 +176,12 @@ class DirtyBitmap:
                 added += b.pages
         return added
 
-    def sync(self) -> int:
-        """Fold new dirt into the bitmap (migration_bitmap_sync); return newly dirty pages."""
+    def sync(self, *, final: bool = False) -> int:
+        """Fold new dirt into the bitmap (migration_bitmap_sync); return newly dirty pages.
+
+        ``final``: the program is paused (the last sync), so the tracker
+        audit gives its verdict on every sampled page.
+        """
         t0 = time.monotonic()
         # hot-added blocks: everything is dirty (counted in dirty_pages by _start_block)
         added = self.follow_blocks()
@@ -104,6 +191,9 @@ class DirtyBitmap:
             if b.dirty_provider == "tracked":
                 new = b._take_log()
                 new[b.pages :] = False
+                audit = self._audits.get(b.idstr)
+                if audit is not None:
+                    audit.check(new, final=final)
                 fresh = new & ~bm
                 n = int(np.count_nonzero(fresh))
                 if n:

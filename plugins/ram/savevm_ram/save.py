@@ -174,7 +174,7 @@ class RAMSaver:
         The ``final`` sync (completion) closes any period of at least 100 ms,
         so a migration shorter than a second still reports its rates.
         """
-        self.bitmap.sync()
+        self.bitmap.sync(final=final)
         self.counters.dirty_sync_count = self.bitmap.sync_count
         for c in self.codecs:
             c.on_sync(self.rs)
