@@ -31,9 +31,15 @@ QEMU_CAPABILITIES: tuple[str, ...] = (
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt",
 )
+#: savevm's own capabilities (QEMU has no such names; a QEMU peer never hears of them).
+#: ``verify``: the destination reports a digest of every block and device before it may run,
+#: and the source completes only when they match its own.
+SAVEVM_CAPABILITIES: tuple[str, ...] = ("verify",)
+#: Every capability name savevm knows.
+KNOWN_CAPABILITIES: tuple[str, ...] = QEMU_CAPABILITIES + SAVEVM_CAPABILITIES
 #: The capabilities savevm implements; enabling another one is refused clearly.
 SUPPORTED_CAPABILITIES: frozenset[str] = frozenset(
-    {"xbzrle", "compress", "auto-converge", "events", "rdma-pin-all", "zero-blocks"}
+    {"xbzrle", "compress", "auto-converge", "events", "rdma-pin-all", "zero-blocks", "verify"}
 )
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
@@ -223,8 +229,8 @@ class MigrationConfig:
     # ---------------------------------------------------------------- access
     def has(self, capability: str) -> bool:
         """Is ``capability`` on?  Unknown names raise rather than read as off."""
-        if capability not in QEMU_CAPABILITIES:
-            raise ConfigError(capability, _unknown("capability", capability, QEMU_CAPABILITIES))
+        if capability not in KNOWN_CAPABILITIES:
+            raise ConfigError(capability, _unknown("capability", capability, KNOWN_CAPABILITIES))
         return capability in self.capabilities
 
     def param(self, name: str) -> Any:
@@ -257,8 +263,8 @@ class MigrationConfig:
 
     def set_capability(self, name: str, on: bool = True) -> MigrationConfig:
         """A copy with one capability switched."""
-        if name not in QEMU_CAPABILITIES:
-            raise ConfigError(name, _unknown("capability", name, QEMU_CAPABILITIES))
+        if name not in KNOWN_CAPABILITIES:
+            raise ConfigError(name, _unknown("capability", name, KNOWN_CAPABILITIES))
         if on and name not in SUPPORTED_CAPABILITIES:
             raise ConfigError(
                 name,

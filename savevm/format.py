@@ -53,6 +53,9 @@ class Command(enum.IntEnum):
     POSTCOPY_RESUME = 9
     RECV_BITMAP = 10
     MAX = 11
+    #: savevm extension, only ever sent to a destination that answered the negotiation PING as
+    #: savevm: a JSON object of options for this migration (e.g. ``{"verify": true}``)
+    SAVEVM_OPTIONS = 0x7301
 
 
 #: Fixed argument lengths the loader enforces (-1: variable).
@@ -67,6 +70,7 @@ COMMAND_ARG_LEN: dict[Command, int] = {
     Command.ENABLE_COLO: 0,
     Command.POSTCOPY_RESUME: 0,
     Command.RECV_BITMAP: -1,
+    Command.SAVEVM_OPTIONS: -1,
 }
 
 #: Configuration subsection names (qemu-format.md 1.3).

@@ -85,6 +85,19 @@ class SaveVMHandlers:
         """Keys to merge into query-migrate stats (e.g. ``ram``), on either side."""
         return {}
 
+    def digests(self) -> dict[str, str]:
+        """Digests of this section's state, by name (capability ``verify``), on either side.
+
+        The source calls it with the program paused, after the last chunk;
+        the destination after the stream is loaded.  Both sides must compute
+        the same function of the state, so a mismatch means the copies
+        differ.  A section without state worth checking returns ``{}``.
+        """
+        return {}
+
+    def load_verify(self) -> None:
+        """The source asked for ``verify`` (destination, before any chunk): start hashing what arrives."""
+
     # ---------------------------------------------------------------- destination
     def load_setup(self) -> None:
         """Prepare to receive (allocate decode buffers, ...), before the stream is parsed."""

@@ -81,6 +81,8 @@ class StreamLoader:
         self.keep_vmdesc = keep_vmdesc
         #: devices, EOF and vmdesc were consumed while sizing deferred device sections
         self._tail_done = False
+        #: the source asked for verify (SAVEVM_OPTIONS): digests go with LOADED
+        self.verify = False
         #: accept whatever machine the configuration record names (a tool reading a file,
         #: e.g. ``savevm analyze``); a migration must stay strict, since state saved for
         #: one machine type does not fit another
@@ -420,6 +422,12 @@ class StreamLoader:
             if rp is not None:
                 rp.on_open()
             return
+        if c == Command.SAVEVM_OPTIONS:
+            if rp is None or not rp.negotiated:
+                raise CorruptStreamError("savevm options from a source that did not negotiate savevm's return path",
+                                         off)
+            self._options(data, off)
+            return
         if c == Command.PING:
             value = int.from_bytes(data, "big")
             log.debug("loadvm_process_command", cmd=c.name, value=value)
@@ -427,6 +435,21 @@ class StreamLoader:
                 rp.on_ping(value)
             return
         raise CorruptStreamError(f"command {c.name} (postcopy/COLO) is not supported by savevm", off)
+
+    def _options(self, data: bytes, off: int) -> None:
+        """SAVEVM_OPTIONS: what the source asks of this migration (``verify``)."""
+        from savevm.return_path import decode_json
+
+        opts = decode_json(data, "SAVEVM_OPTIONS")
+        unknown = sorted(set(opts) - {"verify"})
+        if unknown:
+            raise CorruptStreamError(f"savevm options {unknown} are not known here (a newer source?)", off)
+        if opts.get("verify"):
+            self.verify = True
+            for e in self.registry.live():
+                assert e.handlers is not None
+                e.handlers.load_verify()
+        log.debug("loadvm_savevm_options", options=opts)
 
     def trailer(self) -> None:
         """The vmdesc after EOF, then nothing (a file) or the handover (a live source)."""

@@ -282,6 +282,10 @@ class Migration(MigrationBase):
         self.bound_fired: str | None = None
         #: the no-progress bound in force (x-stall-timeout, then x-switchover-timeout while paused)
         self._stall_bound = "x-stall-timeout"
+        #: verify: our digests at the pause, the time they took, and the verdict
+        self._digests: dict[str, str] | None = None
+        self.verify_ms: int | None = None
+        self.verified: bool | None = None
         # timing and counters (ms unless named otherwise)
         self._t_start = 0.0
         self._t_end: float | None = None
@@ -395,6 +399,9 @@ class Migration(MigrationBase):
         st.extra["runstate"] = self.runstate.value
         if self.bound_fired is not None:
             st.extra["bound-fired"] = self.bound_fired
+        if self.verified is not None:
+            st.extra["verify"] = {"verified": self.verified, "source-ms": self.verify_ms,
+                                  "destination-ms": (self._rp.loaded or {}).get("digest_ms") if self._rp else None}
         if self.error is not None:
             st.error_desc = str(self.error)
         if self.plugins is not None:
@@ -403,7 +410,7 @@ class Migration(MigrationBase):
             known = set(MigrationStats().as_qmp()) | {"total-time", "expected-downtime", "downtime", "setup-time",
                                                      "ram", "xbzrle-cache", "compression",
                                                      "cpu-throttle-percentage", "error-desc", "iterations",
-                                                     "stream-bytes", "runstate", "bound-fired"}
+                                                     "stream-bytes", "runstate", "bound-fired", "verify"}
             st.extra.update({k: v for k, v in info.items() if k not in known})
         return st
 
@@ -514,14 +521,24 @@ class Migration(MigrationBase):
         """OPEN_RETURN_PATH and the negotiation PING, as QEMU sends them, on a channel that can answer."""
         sock = _socket_of(self._channel)
         if sock is None:
+            if self.config.has("verify"):
+                raise MigrationFailed("capability verify needs a return path: migrate over tcp, unix or rdma")
             return
         w.command(Command.OPEN_RETURN_PATH, b"")
         w.command(Command.PING, NEGOTIATE_PING.to_bytes(4, "big"))
         f.flush()
         f.check_error()
-        self._rp = SourceReturnPath(sock, self._cancel)
-        f.return_path = self._rp
-        self._rp.start()
+        rp = self._rp = SourceReturnPath(sock, self._cancel)
+        f.return_path = rp
+        rp.start()
+        if self.config.has("verify"):
+            timeout = self.config.parameters.x_handover_timeout / 1000
+            rp.wait(lambda: rp.savevm_peer is not None, timeout)
+            if not rp.savevm_peer:
+                raise MigrationFailed("capability verify needs a savevm destination, which reports digests over "
+                                      "the return path (this peer is a QEMU or did not answer)")
+            w.command(Command.SAVEVM_OPTIONS, encode_json({"verify": True}))
+            f.flush()
 
     def _complete(self, w: StreamWriter, f: QEMUFile) -> None:
         t0 = time.monotonic()
@@ -536,6 +553,10 @@ class Migration(MigrationBase):
         f.flush()
         f.check_error()
         self._final_stats = self.registry.query_stats()
+        if self.config.has("verify") and self._rp is not None:
+            t_v = time.monotonic()
+            self._digests = self.registry.digests()  # paused: this is the state the destination must hold
+            self.verify_ms = int((time.monotonic() - t_v) * 1000)
         self._handover(f)
         self.downtime = int((time.monotonic() - t0) * 1000)
         with self._state_lock:
@@ -573,6 +594,8 @@ class Migration(MigrationBase):
                 "so the source keeps the program")
         if self._cancel.is_set():
             raise MigrationCancelled("migration cancelled before the handover")
+        if self._digests is not None:
+            self._compare_digests(rp.loaded or {})
         nonce = bytes.fromhex(str(rp.loaded.get("nonce", ""))) if rp.loaded else b""
         if len(nonce) != NONCE_LEN:
             raise MigrationFailed("the destination's LOADED carries no valid nonce to answer")
@@ -589,6 +612,20 @@ class Migration(MigrationBase):
                 f"GO was sent but the destination did not confirm it runs within {timeout:g}s "
                 f"({'connection closed' if rp.closed else 'x-handover-timeout'}); the source program stays "
                 "paused: resume it only if the destination is known not to run")
+
+    def _compare_digests(self, loaded: dict[str, Any]) -> None:
+        """verify: the destination's digests must equal ours, block by block and device by device."""
+        theirs = loaded.get("digests")
+        if not isinstance(theirs, dict):
+            raise MigrationFailed("verify: the destination reported no digests")
+        ours = self._digests or {}
+        differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        self.verified = not differ
+        self.log.info("migration_verify", items=len(ours), differ=differ, source_ms=self.verify_ms,
+                      destination_ms=loaded.get("digest_ms"))
+        if differ:
+            raise MigrationFailed(f"verify: the destination's copy differs from the source in {', '.join(differ)}; "
+                                  "it was told not to run, and the source keeps the program")
 
     def _handover_qemu(self, rp: SourceReturnPath, timeout: float) -> None:
         """A QEMU destination answers SHUT(0) once loaded (and started), SHUT(1) on failure."""
@@ -679,6 +716,8 @@ class Migration(MigrationBase):
         except Exception:
             self.log.exception("guest_throttle_reset_failed")
         ch = self._channel
+        if self._rp is not None:
+            self._rp.stopping = True
         if ch is not None:
             try:
                 ch.close()
@@ -795,14 +834,20 @@ class Incoming(MigrationBase):
         rp = self._rp = DestReturnPath(sock) if sock is not None else None
         f = self._f = QEMUFile(self._channel)
         f.return_path = rp
-        StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc, return_path=rp,
-                     skip_unknown_devices=self.skip_unknown_devices or self.vmdesc is not None,
-                     keep_vmdesc=False).load()
+        loader = StreamLoader(f, self.registry, self.config, vmdesc=self.vmdesc, return_path=rp,
+                              skip_unknown_devices=self.skip_unknown_devices or self.vmdesc is not None,
+                              keep_vmdesc=False)
+        loader.load()
         self.bytes_loaded = f.pos
         self._check_extra_connections()
         if rp is not None and rp.negotiated:
             nonce = secrets.token_bytes(NONCE_LEN)
-            rp.send(RPMessage.LOADED, encode_json({"bytes": f.pos, "nonce": nonce.hex()}))
+            loaded: dict[str, Any] = {"bytes": f.pos, "nonce": nonce.hex()}
+            if loader.verify:
+                t_v = time.monotonic()
+                loaded["digests"] = self.registry.digests()
+                loaded["digest_ms"] = int((time.monotonic() - t_v) * 1000)
+            rp.send(RPMessage.LOADED, encode_json(loaded))
             self._await_go(f, sock, nonce)
         self.guest.resume()
         self.runstate = RunState.RUNNING

@@ -145,6 +145,27 @@ class SectionRegistry:
             if e.handlers is not None:
                 e.handlers.configure(config)
 
+    def digests(self) -> dict[str, str]:
+        """``verify``: digests of every live section's state and every device's, by a stable name."""
+        import hashlib
+
+        from savevm.channels.memory import MemoryChannel
+        from savevm.qemufile import QEMUFile
+        from savevm.vmstate import save_state
+
+        out: dict[str, str] = {}
+        for e in self._entries:
+            if e.handlers is not None:
+                if e.is_active():
+                    out.update(e.handlers.digests())
+                continue
+            ch = MemoryChannel()
+            f = QEMUFile(ch, writable=True)
+            save_state(f, e.device)
+            f.flush()
+            out[f"device/{e.idstr}/{e.instance_id}"] = hashlib.blake2b(ch.getvalue(), digest_size=16).hexdigest()
+        return out
+
     def query_stats(self) -> dict[str, Any]:
         """Every active live section's query-migrate keys, merged."""
         out: dict[str, Any] = {}

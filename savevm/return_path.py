@@ -165,6 +165,8 @@ class SourceReturnPath:
         #: (stream bytes, pages, load ns, monotonic time received) of the latest PROGRESS
         self.progress: tuple[int, int, int, float] | None = None
         self.last_message = time.monotonic()
+        #: the migration is over and closes the socket: errors from here on are the close
+        self.stopping = False
         #: extension messages by their "kind" field, for plugins (e.g. an RDMA-style transport)
         self._extensions: dict[str, list[dict[str, Any]]] = {}
 
@@ -184,7 +186,7 @@ class SourceReturnPath:
                     return None
                 continue
             except OSError as exc:
-                if self._cancel.is_set():
+                if self._cancel.is_set() or self.stopping:
                     return None
                 raise ChannelError(f"return path: receive failed: {exc}") from exc
             if not chunk:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from savevm.handlers import SaveContext, SaveVMHandlers
 from savevm_ram.control import RAMHooks
+from savevm_ram.fingerprint import block_fingerprints, digest
 from savevm_ram.load import RAMLoader
 from savevm_ram.save import RAMSaver
 from savevm_ram.stats import RAMCounters
@@ -97,6 +98,17 @@ class RAMHandlers(SaveVMHandlers):
             out.update(c.query_stats())
         return out
 
+    def digests(self) -> dict[str, str]:
+        """``verify``: a digest per block: of memory now (source, paused), of what arrived (destination)."""
+        if self.side == "destination" and self.loader is not None:
+            return self.loader.digests()
+        return {f"ram/{b.idstr}": digest(block_fingerprints(b.host, b.pages)) for b in self.ram}
+
+    def load_verify(self) -> None:
+        """The source asked for verify: fingerprint pages as they arrive."""
+        if self.loader is not None:
+            self.loader.start_verify()
+
     def _close_transport_state(self) -> None:
         for st in self._transport_state.values():
             close = getattr(st, "close", None)
@@ -155,9 +167,8 @@ class RAMHandlers(SaveVMHandlers):
         self.loader.load(f, version_id)
 
     def load_cleanup(self) -> None:
-        """Release transport state; the loaded counters stay for query_stats."""
+        """Release transport state; the loaded counters (and verify's fingerprints) stay until the next load."""
         self._close_transport_state()
-        self.loader = None
 
     def codecs(self) -> list[PageCodec]:
         """The codecs in use on whichever side is active (for tests and tools)."""

@@ -25,8 +25,10 @@ from savevm.errors import (
     UnknownSectionError,
     VersionMismatchError,
 )
+from savevm_ram.fingerprint import block_fingerprints, digest, fingerprints
 from savevm_ram.wire import (
     FLAGS_MASK,
+    PAGE_BITS,
     PAGE_MASK,
     PAGE_RECORD_SIZE,
     PAGE_SIZE,
@@ -78,6 +80,9 @@ class RAMLoader:
         self.last_block: RAMBlock | None = None
         self._by_flag: dict[int, PageCodec] = {c.wire_flag: c for c in codecs if c.wire_flag in QEMU_CODEC_FLAGS}
         self._ext: dict[int, PageCodec] = {}
+        #: ``verify``: page fingerprints of what arrived, per block (None until the source asks)
+        self.fps: dict[str, np.ndarray] | None = None
+        self._fp_valid: dict[str, np.ndarray] = {}
         for c in codecs:
             c.load_setup(rs)
         hooks.refresh()
@@ -107,6 +112,41 @@ class RAMLoader:
     def load(self, f: QEMUFile, version_id: int) -> None:
         """Load one RAM chunk, up to and including its EOS."""
         ram_load(self, f, version_id)
+
+    # ------------------------------------------------------------ verify
+    def start_verify(self) -> None:
+        """Fingerprint every page as it is written, so the digests at the end cost little downtime."""
+        if self.fps is None:
+            self.fps = {}
+
+    def note_pages(self, block: RAMBlock, pages: np.ndarray) -> None:
+        """These pages of ``block`` were just written: fingerprint them from their new contents."""
+        assert self.fps is not None
+        fps = self.fps.get(block.idstr)
+        if fps is None or len(fps) < block.pages:
+            fps = self.fps[block.idstr] = np.zeros(block.pages, dtype=np.uint64)
+            self._fp_valid[block.idstr] = np.zeros(block.pages, dtype=np.bool_)
+        view = block.host[: block.pages * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+        fps[pages] = fingerprints(view[pages])
+        self._fp_valid[block.idstr][pages] = True
+
+    def digests(self) -> dict[str, str]:
+        """Per-block digests of what was loaded; pages never seen arrive (a transport's) are hashed now."""
+        out: dict[str, str] = {}
+        for b in self.ram:
+            fps = (self.fps or {}).get(b.idstr)
+            if fps is None or len(fps) < b.pages:
+                fps = block_fingerprints(b.host, b.pages)
+            else:
+                missing = np.flatnonzero(~self._fp_valid[b.idstr][: b.pages])
+                fps = fps[: b.pages].copy()
+                if missing.size:
+                    view = b.host[: b.pages * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+                    for i in range(0, missing.size, 1024):
+                        part = missing[i : i + 1024]
+                        fps[part] = fingerprints(view[part])
+            out[f"ram/{b.idstr}"] = digest(fps)
+        return out
 
 
 def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
@@ -174,6 +214,8 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
                 codec.load_page(f, block, addr // PAGE_SIZE, block.host[addr : addr + PAGE_SIZE], off)
                 counters.encoded += 1
             counters.loaded_pages += 1
+            if rs.fps is not None:
+                rs.note_pages(block, np.array([addr >> PAGE_BITS], dtype=np.intp))
         elif kind == _MEM_SIZE:
             _load_block_list(rs, f, addr, off)
         elif flags == _CODECS:
@@ -256,6 +298,8 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 fill = np.ndarray((k, 1), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride, 1))
                 pages2d[idx] = fill
                 rs.counters.duplicate += k
+            if rs.fps is not None:
+                rs.note_pages(block, idx)
             pos += stride * k
             loaded += k
         f.consume(pos)
