@@ -33,11 +33,13 @@ class QemuGuest:
     #: take only RAM: a QEMU's CPU, timer and chipset sections are skipped, sized by its vmdesc
     skip_unknown_devices = True
 
-    def __init__(self, dump_dir: str | None = None, max_ram: str = "64G") -> None:
+    def __init__(self, dump_dir: str | None = None, max_ram: str = "auto") -> None:
         from savevm.config import parse_size
 
         savevm_ram = _ram_plugin()
-        self.ram = savevm_ram.RAMList(auto_create=True, max_auto_bytes=parse_size(max_ram, "max_ram"))
+        # "auto": three quarters of this machine's memory (a stream cannot make us allocate more)
+        limit = None if max_ram == "auto" else parse_size(max_ram, "max_ram")
+        self.ram = savevm_ram.RAMList(auto_create=True, max_auto_bytes=limit)
         self.dump_dir = dump_dir
 
     def register(self, registry: Any) -> None:

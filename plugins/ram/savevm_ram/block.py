@@ -10,6 +10,7 @@ on.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -159,18 +160,32 @@ class RAMBlock:
             self.on_resize(self, new_length)
 
 
+def machine_ram_limit() -> int:
+    """The default bound on RAM a stream may make us create: three quarters of this machine's memory.
+
+    A stream announcing more than the machine has cannot be received
+    anyway; the bound turns such a stream (or a hostile one) into a clear
+    error instead of an out-of-memory kill.  Callers may raise it.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 64 << 30
+    return max(PAGE_SIZE, total * 3 // 4)
+
+
 class RAMList:
     """The migratable blocks, in QEMU's order (largest ``max_length`` first)."""
 
     def __init__(self, blocks: list[RAMBlock] | None = None, *, auto_create: bool = False,
-                 max_auto_bytes: int = 64 << 30) -> None:
+                 max_auto_bytes: int | None = None) -> None:
         self._blocks: list[RAMBlock] = []
         #: bumped on every add/remove, like ram_list.version (hotplug)
         self.version = 0
         #: destination only: a block the stream announces but this side lacks is created
         #: (zeroed, lazily committed memory) instead of refused, up to ``max_auto_bytes`` in all
         self.auto_create = auto_create
-        self.max_auto_bytes = max_auto_bytes
+        self.max_auto_bytes = machine_ram_limit() if max_auto_bytes is None else max_auto_bytes
         for b in blocks or []:
             self.add(b)
 
