@@ -156,6 +156,12 @@ class MigrationParameters:
     x_switchover_timeout: int = _p("x-switchover-timeout", 5_000, "int", _in_range(100, 3_600_000))
     #: the source's connect to the destination
     x_connect_timeout: int = _p("x-connect-timeout", 10_000, "int", _in_range(100, 3_600_000))
+    #: TLS (QEMU's names): a directory laid out as QEMU's tls-creds-x509 expects; "" = no TLS
+    tls_creds: str = _p("tls-creds", "", "str")
+    #: the name the source checks the destination's certificate against (default: the URI's host)
+    tls_hostname: str = _p("tls-hostname", "", "str")
+    #: client identities the destination accepts (DNs or CNs, ";"-separated); "" = any the CA signed
+    tls_authz: str = _p("tls-authz", "", "str")
 
     @classmethod
     def names(cls) -> dict[str, attrs.Attribute]:
@@ -180,6 +186,10 @@ def convert_parameter(name: str, value: Any) -> Any:
     if a is None:
         raise ConfigError(name, _unknown("parameter", name, MigrationParameters.names()))
     kind = a.metadata["kind"]
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {value!r}")
+        return value
     if kind == "size":
         return parse_size(value, name)
     if kind == "bool":

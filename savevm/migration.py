@@ -138,10 +138,21 @@ def _timed_out(exc: BaseException | None) -> bool:
     return False
 
 
-def _socket_of(channel: Channel | None) -> socket.socket | None:
-    """The socket under a channel that can carry a return path (tcp, unix, rdma), else None."""
+def _uri_host(uri: str) -> str | None:
+    """The host part of a tcp-like URI (what the source's TLS checks), else None."""
+    scheme, _, rest = uri.partition(":")
+    if scheme in ("unix", "file", "exec", "fd"):
+        return None
+    host = rest.rpartition(":")[0]
+    return host.strip("[]") or None
+
+
+def _socket_of(channel: Channel | None) -> Any:
+    """The socket face of a channel that can carry a return path (tcp, unix, rdma, TLS), else None."""
     sock = getattr(channel, "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
+    if all(hasattr(sock, m) for m in ("recv", "sendall", "settimeout", "shutdown")):
+        return sock
+    return None
 
 
 class MigrationBase(abc.ABC):
@@ -483,6 +494,10 @@ class Migration(MigrationBase):
         if self._channel is None:
             assert self.uri is not None
             self._channel = self._connect(self.uri)
+            if cfg.parameters.tls_creds:
+                from savevm.channels.tls import wrap_client
+
+                self._channel = wrap_client(self._channel, cfg, _uri_host(self.uri))
         self._check_cancel()
         self._set_stall_bound("x-stall-timeout")
         f = self._f = QEMUFile(self._channel, writable=True, rate_limit=cfg.parameters.max_bandwidth)
@@ -821,7 +836,7 @@ class Incoming(MigrationBase):
     def _load(self) -> None:
         if self._channel is None:
             assert self._listener is not None
-            self._channel = self._listener.accept(self.accept_timeout)
+            self._channel = self._accept(self._listener)
             self._watcher = threading.Thread(target=self._watch_listener, name="savevm-incoming-watch",
                                              daemon=True)
             self._watcher.start()
@@ -856,6 +871,27 @@ class Incoming(MigrationBase):
             rp.shut(0)
         self._set_state(MigrationState.COMPLETED)
         self.log.info("migration_incoming_completed", bytes=f.pos)
+
+    def _accept(self, listener: Listener) -> Channel:
+        """The source's connection; with TLS, the first one that proves who it is.
+
+        A client that fails the handshake or ``tls-authz`` is refused and
+        logged, and the listener waits on (within ``accept_timeout``): an
+        unauthenticated peer cannot take the destination's one stream.
+        """
+        deadline = None if self.accept_timeout is None else time.monotonic() + self.accept_timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ch = listener.accept(left)
+            if not self.config.parameters.tls_creds:
+                return ch
+            from savevm.channels.tls import wrap_server
+
+            try:
+                return wrap_server(ch, self.config)
+            except ChannelError as exc:
+                self.log.warning("migration_incoming_tls_refused", peer=getattr(ch, "name", "?"), error=str(exc))
+                ch.close()
 
     def _watch_listener(self) -> None:
         """One stream per listener: any other connection is inspected, refused and logged.

@@ -45,8 +45,9 @@ def test_defaults_are_qemu_72() -> None:
     for name, value in QEMU_72_DEFAULTS.items():
         assert cfg.param(name) == value, name
     # savevm's own parameters are x- prefixed, like QEMU's experimental ones
-    assert {k: v for k, v in cfg.parameters.as_qmp().items() if not k.startswith("x-")
+    assert {k: v for k, v in cfg.parameters.as_qmp().items() if not k.startswith(("x-", "tls-"))
             or k in QEMU_72_DEFAULTS} == QEMU_72_DEFAULTS
+    assert cfg.param("tls-creds") == cfg.param("tls-hostname") == cfg.param("tls-authz") == ""  # 7.2: no TLS
     assert cfg.capabilities == frozenset()
     assert all(not cfg.has(c) for c in QEMU_CAPABILITIES)
     assert cfg.send_configuration and cfg.send_section_footer and cfg.send_vmdesc
