@@ -32,6 +32,13 @@ def test_mypy_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.skipif(shutil.which("bandit") is None, reason="bandit is not installed (pip install -e '.[test]')")
+def test_bandit_clean_at_medium_severity() -> None:
+    r = subprocess.run(["bandit", "-q", "-ll", "-r", "savevm", *[str(p) for p in LIBRARY[1:]]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def _library_files() -> list[Path]:
     return [p for d in LIBRARY for p in d.rglob("*.py")]
 

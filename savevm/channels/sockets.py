@@ -123,9 +123,9 @@ class TcpTransport:
         host, port = parse_host_port(address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         dual = False
-        if not host:  # tcp::PORT: every interface, as QEMU does
+        if not host:  # tcp::PORT: every interface, as QEMU does: the user asked for it by name
             dual = socket.has_dualstack_ipv6()
-            family, host = (socket.AF_INET6, "::") if dual else (socket.AF_INET, "0.0.0.0")
+            family, host = (socket.AF_INET6, "::") if dual else (socket.AF_INET, "0.0.0.0")  # nosec B104
         try:
             # a backlog above 1: connections beyond the migration's own are accepted to be
             # inspected, refused and logged (a multifd source, a second client)
