@@ -3,7 +3,12 @@
 QEMU measures the bandwidth over windows of at least 100 ms
 (``migration_update_counters``), allows ``threshold = bandwidth ×
 downtime-limit`` bytes to be left for the pause, and iterates while more is
-pending.  When the program dirties memory faster than half of what is sent
+pending.  QEMU's blind spot: bytes that left the source but sit in socket
+buffers or in the destination's queue are not pending to it, yet the pause
+lasts until the destination has loaded them.  A savevm destination reports
+what it has loaded (PROGRESS over the return path), so here what is in
+flight counts as pending, and the rate that matters is the slower of the
+source's sending and the destination's loading.  When the program dirties memory faster than half of what is sent
 in two consecutive >= 1 s periods, auto-converge throttles it, 20% first and
 10% more each time (``migration_trigger_throttle``).
 
@@ -45,6 +50,13 @@ class Convergence:
         self._dirty_rate_high_cnt = 0
         self._window_start = time.monotonic()
         self._window_bytes = 0
+        #: bytes sent but not yet loaded by the destination (0 without its PROGRESS)
+        self.in_flight = 0
+        #: the destination's load rate, bytes per ms (None until two PROGRESS reports)
+        self.dest_rate: float | None = None
+        self._last_progress: tuple[int, float] | None = None
+        #: the expected downtime (ms) when the source decided to stop, for the final stats
+        self.expected_downtime_at_stop: int | None = None
 
     # ------------------------------------------------------------ the stop rule
     def start(self, stream_pos: int) -> None:
@@ -53,8 +65,34 @@ class Convergence:
         self._window_bytes = stream_pos
 
     def should_iterate(self, pending: int) -> bool:
-        """Iterate again while pending bytes do not fit in the threshold (QEMU's rule)."""
-        return bool(pending) and pending >= self.threshold_size
+        """Iterate again while what is pending, in flight included, does not fit in the threshold."""
+        total = pending + self.in_flight
+        go_on = bool(pending) and total >= self.threshold_size
+        if not go_on:
+            rate = self._effective_rate()
+            self.expected_downtime_at_stop = int(total / rate) if rate > 0 else self.expected_downtime
+        return go_on
+
+    def _effective_rate(self) -> float:
+        """Bytes per ms the pause will move: the slower of sending and the destination's loading."""
+        if self.dest_rate is not None and self.dest_rate > 0:
+            return min(self.bandwidth, self.dest_rate) if self.bandwidth > 0 else self.dest_rate
+        return self.bandwidth
+
+    def destination_progress(self, stream_pos: int, loaded_bytes: int, at: float) -> None:
+        """The destination's latest PROGRESS: what it had loaded at monotonic time ``at``.
+
+        Its rate is measured only while it had data waiting (something was
+        in flight), so an idle destination does not look slow.
+        """
+        self.in_flight = max(0, stream_pos - loaded_bytes)
+        last = self._last_progress
+        if last is not None and at > last[1] and loaded_bytes > last[0]:
+            rate = (loaded_bytes - last[0]) / ((at - last[1]) * 1000)
+            if self.in_flight > 0:
+                self.dest_rate = rate if self.dest_rate is None else 0.5 * self.dest_rate + 0.5 * rate
+        if last is None or at > last[1]:
+            self._last_progress = (loaded_bytes, at)
 
     def update(self, stream_pos: int, pending: int) -> None:
         """Once per loop, after the rate-limit wait: close the window if 100 ms have passed.
@@ -69,13 +107,14 @@ class Convergence:
             return
         sent = stream_pos - self._window_bytes
         self.bandwidth = sent / (elapsed * 1000)
-        self.threshold_size = int(self.bandwidth * self._config().parameters.downtime_limit)
+        rate = self._effective_rate()
+        self.threshold_size = int(rate * self._config().parameters.downtime_limit)
         self.mbps = sent * 8 / elapsed / 1e6
-        if self.bandwidth > 0:
-            self.expected_downtime = int(pending / self.bandwidth)
+        if rate > 0:
+            self.expected_downtime = int((pending + self.in_flight) / rate)
         self.log.debug("migrate_transferred", bytes=sent, ms=round(elapsed * 1000, 1),
-                       bandwidth=round(self.bandwidth, 1), threshold=self.threshold_size,
-                       expected_downtime=self.expected_downtime)
+                       bandwidth=round(self.bandwidth, 1), dest_rate=self.dest_rate, in_flight=self.in_flight,
+                       threshold=self.threshold_size, expected_downtime=self.expected_downtime)
         self._window_start = now
         self._window_bytes = stream_pos
 

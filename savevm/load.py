@@ -8,6 +8,7 @@ EOF, so a failed load leaves the destination's devices untouched.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -83,6 +84,7 @@ class StreamLoader:
         self._tail_done = False
         #: the source asked for verify (SAVEVM_OPTIONS): digests go with LOADED
         self.verify = False
+        self._t0_ns = time.monotonic_ns()
         #: accept whatever machine the configuration record names (a tool reading a file,
         #: e.g. ``savevm analyze``); a migration must stay strict, since state saved for
         #: one machine type does not fit another
@@ -274,11 +276,18 @@ class StreamLoader:
         if entry.is_live:
             assert entry.handlers is not None
             entry.handlers.load_state(f, version_id)
+            self._progress()
         else:
             loaded = vmstate.load_state(f, entry.device, version_id)
             self._pending_devices.append((entry, loaded))
         self._footer(section_id, entry)
         self.result.sections.append((idstr, instance_id, version_id))
+
+    def _progress(self) -> None:
+        """A live chunk is loaded: tell a savevm source how far this side has got (PROGRESS)."""
+        rp = self.return_path
+        if rp is not None and rp.negotiated:
+            rp.progress(self.f.pos, 0, time.monotonic_ns() - self._t0_ns)
 
     def _defer_devices(self, first: tuple[int, str, int, int], off: int) -> None:
         """An unknown device section and no vmdesc yet: buffer the tail, then walk it by the vmdesc.
@@ -382,6 +391,7 @@ class StreamLoader:
             raise CorruptStreamError(f"{kind.name} for device section {entry.idstr!r}", off)
         assert entry.handlers is not None
         entry.handlers.load_state(f, version_id)
+        self._progress()
         self._footer(section_id, entry)
 
     def _footer(self, section_id: int, entry: SectionEntry) -> None:

@@ -386,6 +386,8 @@ class Migration(MigrationBase):
         st.setup_time = self.setup_time
         if self.state == MigrationState.COMPLETED:
             st.downtime = self.downtime
+            # what the stop decision predicted, beside what the pause measured
+            st.expected_downtime = self.convergence.expected_downtime_at_stop
         elif self.is_running():
             st.expected_downtime = self.convergence.expected_downtime
         sections = self._final_stats if self._final_stats is not None else self.registry.query_stats()
@@ -530,6 +532,9 @@ class Migration(MigrationBase):
                 return
             # migration_rate_limit + migration_update_counters, once per loop
             f.rate_limit_wait()
+            rp = self._rp
+            if rp is not None and rp.progress is not None:
+                conv.destination_progress(f.pos, rp.progress[0], rp.progress[3])
             conv.update(f.pos, pending)
 
     def _open_return_path(self, w: StreamWriter, f: QEMUFile) -> None:

@@ -293,6 +293,7 @@ class DestReturnPath:
         self.negotiated = False
         self.shut_sent = False
         self.failed = False
+        self._last_progress = 0.0
 
     def send(self, kind: RPMessage, body: bytes = b"") -> bool:
         """Send one message; False (logged) if the source is gone or the path is not open."""
@@ -322,6 +323,15 @@ class DestReturnPath:
             log.info("destination_return_path_negotiated")
             return
         self.send(RPMessage.PONG, struct.pack(">I", value))
+
+    def progress(self, stream_bytes: int, pages: int, load_ns: int) -> None:
+        """PROGRESS (savevm peers only, at most every 20 ms): what is loaded, so the source counts
+        what is still in flight and how fast this side drains it."""
+        now = time.monotonic()
+        if not self.negotiated or now - self._last_progress < 0.02:
+            return
+        self._last_progress = now
+        self.send(RPMessage.PROGRESS, encode_progress(stream_bytes, pages, load_ns))
 
     def shut(self, status: int) -> None:
         """SHUT (once): 0 when loaded, 1 on failure; no message follows it."""

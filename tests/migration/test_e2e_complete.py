@@ -60,7 +60,8 @@ def test_converging_workload_completes_with_identical_state(session: Session, tr
     assert mig.query().as_qmp() == q  # frozen once completed
     assert TOP_KEYS <= q.keys(), sorted(q)
     assert RAM_KEYS <= q["ram"].keys(), sorted(q["ram"])
-    assert "expected-downtime" not in q  # only while running
+    # unlike QEMU (only while running), the prediction made at the stop stays beside the measurement
+    assert isinstance(q["expected-downtime"], int) and q["expected-downtime"] >= 0
     ram = q["ram"]
     assert q["status"] == "completed"
     assert q["downtime"] > 0
