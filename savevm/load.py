@@ -208,12 +208,11 @@ class StreamLoader:
         log.debug("qemu_loadvm_state_section_startfull", section_id=section_id, idstr=idstr,
                   instance_id=instance_id, version_id=version_id)
         entry = self.registry.find(idstr, instance_id)
-        if entry is None and kind == SectionType.SECTION_FULL and (idstr, instance_id) in self._skip_sizes:
-            # a device of the source we do not model (e.g. a real QEMU's CPU state): its
-            # size comes from the vmdesc, as analyze-migration.py walks it
-            f.skip(self._skip_sizes[(idstr, instance_id)])
+        if entry is None and kind == SectionType.SECTION_FULL and self.unmodelled_device(
+                section_id, idstr, instance_id, version_id):
             self._check_footer(section_id, idstr)
             self.result.skipped.append((idstr, instance_id, version_id))
+            self.section_loaded(kind, section_id, idstr, instance_id, version_id, off)
             return
         if entry is None:
             known = ", ".join(f"{e.idstr}/{e.instance_id}" for e in self.registry) or "none"
@@ -245,6 +244,7 @@ class StreamLoader:
             self._pending_devices.append((entry, loaded))
         self._footer(section_id, entry)
         self.result.sections.append((idstr, instance_id, version_id))
+        self.section_loaded(kind, section_id, idstr, instance_id, version_id, off)
 
     def _part_end(self, kind: SectionType, off: int) -> None:
         f = self.f
@@ -259,6 +259,32 @@ class StreamLoader:
         assert entry.handlers is not None
         entry.handlers.load_state(f, version_id)
         self._footer(section_id, entry)
+        self.section_loaded(kind, section_id, entry.idstr, entry.instance_id, version_id, off)
+
+    # ---------------------------------------------------------------- extension points
+    def unmodelled_device(self, section_id: int, idstr: str, instance_id: int, version_id: int) -> bool:
+        """A FULL section no registered device claims; the stream is at its first data byte.
+
+        A migration can only skip it, by the size the source's vmdesc gives
+        (a real QEMU's CPU state, which we do not model), as
+        analyze-migration.py walks it.  True: the data has been consumed and
+        the footer is next; False: the section is refused as unknown.  Tools
+        override this to decode the data instead (``savevm analyze
+        --dump-devices``).
+        """
+        size = self._skip_sizes.get((idstr, instance_id))
+        if size is None:
+            return False
+        self.f.skip(size)
+        return True
+
+    def section_loaded(self, kind: SectionType, section_id: int, idstr: str, instance_id: int, version_id: int,
+                       offset: int) -> None:
+        """One section record (``offset`` = its type byte) has been read through its footer.
+
+        Nothing to do for a migration; tools that report where each section
+        sits and how large it is (``savevm analyze``) override it.
+        """
 
     def _footer(self, section_id: int, entry: SectionEntry) -> None:
         self._check_footer(section_id, entry.idstr)
