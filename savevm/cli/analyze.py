@@ -41,6 +41,7 @@ from savevm.handlers import SaveVMHandlers
 from savevm.load import StreamLoader
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
+from savevm.registry import SectionRegistry
 from savevm.vmdesc import DecodeBudget, decode_device, locate_vmdesc
 
 #: The RAM section's idstr and version (QEMU's ram_mig_init), for when the plugin is missing.
@@ -359,19 +360,24 @@ class Analysis:
 
 
 def analyze(src: StreamSource, *, machine: str | None = None, dump_devices: bool = False,
-            max_ram: int | None = None) -> Analysis:
+            max_ram: int | None = None, plugins: PluginHost | None = None) -> Analysis:
     """Load ``src`` into scratch memory and report what it held.
 
     ``machine``: the machine name the stream must carry (default: accept the
     stream's own).  ``max_ram``: bytes of RAM blocks the stream may make us
-    create (default :func:`available_memory`).  Stream errors end up in the
+    create (default :func:`available_memory`).  ``plugins``: the plugin host
+    whose codecs decode pages (default: every installed plugin; a stream
+    that announces a third-party codec needs the plugin that provides it).
+    Stream errors end up in the
     report (``status``, ``error``, ``offset``); a missing RAM plugin, when the
     stream needs it, raises :class:`~savevm.errors.PluginError`.
     """
     savevm_ram = _ram_plugin()
     limit = available_memory() if max_ram is None else max_ram
     cfg = MigrationConfig() if machine is None else attrs.evolve(MigrationConfig(), machine=machine)
-    reg = PluginHost(cfg).new_registry()
+    host = plugins if plugins is not None else PluginHost(cfg)
+    reg = SectionRegistry(cfg, host)
+    host.register_sections(reg)
     counts = RecordCounts()
     ram: Any = None
     handlers: Any = None

@@ -17,8 +17,8 @@ are written, and the file is then sized to the block's length.
 
 from __future__ import annotations
 
-import errno
 import os
+import stat
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ class BlockDir:
         parts = block_path_parts(idstr)
         opened: list[int] = []
         dfd = self.fd
+        comp = parts[0]
         try:
             for comp in parts[:-1]:
                 try:
@@ -76,10 +77,11 @@ class BlockDir:
                     pass
                 dfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC, dir_fd=dfd)
                 opened.append(dfd)
-            return os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, 0o600,
+            comp = parts[-1]
+            return os.open(comp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, 0o600,
                            dir_fd=dfd)
         except OSError as exc:
-            why = "a symlink is in the way" if exc.errno == errno.ELOOP else exc.strerror  # from O_NOFOLLOW
+            why = "a symlink is in the way" if _is_symlink(comp, dfd) else exc.strerror
             raise MigrationError(f"cannot create {self.display(idstr)!r} for RAMBlock {idstr!r}: {why}") from exc
         finally:
             for fd in opened:
@@ -105,6 +107,13 @@ class BlockDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
 
 
 def write_sparse(fd: int, data: Any) -> None:
