@@ -299,13 +299,18 @@ class StreamSource:
         self.name = path
         self._spool: IO[bytes] | None = None
         if path == "-":
-            fd = os.dup(sys.stdin.fileno())
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                self._spool = tempfile.TemporaryFile(prefix="savevm-analyze-")
-                with os.fdopen(fd, "rb") as src:
-                    shutil.copyfileobj(src, self._spool, _SPOOL_CHUNK)
-                self._spool.flush()
-                fd = os.dup(self._spool.fileno())
+            try:
+                fd = os.dup(sys.stdin.fileno())
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    self._spool = tempfile.TemporaryFile(prefix="savevm-analyze-")
+                    with os.fdopen(fd, "rb") as src:
+                        shutil.copyfileobj(src, self._spool, _SPOOL_CHUNK)
+                    self._spool.flush()
+                    fd = os.dup(self._spool.fileno())
+            except (OSError, ValueError) as exc:
+                if self._spool is not None:
+                    self._spool.close()
+                raise ChannelError(f"cannot read the stream from stdin: {exc}") from exc
         else:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -176,14 +176,20 @@ def rewrite(ref: str, out: str, ram: dict[str, str], *, ram_only: bool = False,
             f.check_error()
             os.fsync(fd)
             written = f.pos
-        except BaseException:
+        except BaseException as exc:
             try:
                 f.channel.close()
             finally:
                 os.unlink(part)
+            if isinstance(exc, OSError) and not isinstance(exc, MigrationError):
+                raise MigrationError(f"writing {part!r}: {exc}") from exc
             raise
         f.channel.close()
-        os.replace(part, out)
+        try:
+            os.replace(part, out)
+        except OSError as exc:
+            os.unlink(part)
+            raise MigrationError(f"cannot rename {part!r} to {out!r}: {exc}") from exc
     return {"ref": ref, "out": out, "bytes": written, "machine": an.report["machine"],
             "blocks": [{"idstr": b.idstr, "used_length": b.used_length,
                         "from": ram.get(b.idstr, "REF")} for b in an.blocks],
