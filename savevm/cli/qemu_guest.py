@@ -4,13 +4,13 @@ Its RAMList creates blocks as the stream announces them, so any QEMU
 machine's RAM (``pc.ram``, the ROM blocks, ...) is received without
 knowing its layout; pair it with ``--vmdesc`` so the machine's device
 sections are skipped.  ``dump_dir=DIR`` writes each block to a file named
-after it once loaded, like analyze-migration.py's ``--extract``.
+after it once loaded, as ``savevm analyze --extract-ram`` does (same rules:
+folders for idstrs with ``/``, nothing outside DIR, nothing overwritten).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 from savevm.errors import PluginError
@@ -46,11 +46,13 @@ class QemuGuest:
         """Loaded: write the blocks out if asked to."""
         if not self.dump_dir:
             return
-        for b in self.ram:
-            path = os.path.join(self.dump_dir, b.idstr.lstrip("/"))
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.write(b.mv[: b.used_length])
+        from savevm.cli.blockfiles import BlockDir, block_path_parts
+
+        for b in self.ram:  # names come from the stream: all checked before anything is written
+            block_path_parts(b.idstr)
+        with BlockDir(self.dump_dir) as d:
+            for b in self.ram:
+                d.write_block(b.idstr, b.host[: b.used_length])
 
     def set_throttle(self, percent: int) -> None:
         """Nothing to throttle."""

@@ -208,3 +208,19 @@ def test_analyze_reports_what_is_not_a_stream(tmp_path: Path, capsys: pytest.Cap
     assert rep["status"] == "error" and "magic" in rep["error"] and rep["offset"] == 0
     assert main(["analyze", str(tmp_path / "missing.qevm")]) == 2
     assert "cannot open" in capsys.readouterr().err
+
+
+def test_qemu_guest_dump_dir_keeps_names_inside(tmp_path: Path) -> None:
+    from savevm.cli.blockfiles import UnsafeBlockName
+    from savevm.cli.qemu_guest import QemuGuest
+
+    g = QemuGuest(dump_dir=str(tmp_path / "out"))
+    g.ram.create("/rom@etc/ok", 4096)
+    g.ram.create("../escaped", 4096)
+    with pytest.raises(UnsafeBlockName, match="would leave the folder"):
+        g.resume()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+    g = QemuGuest(dump_dir=str(tmp_path / "out"))
+    g.ram.create("/rom@etc/ok", 4096).write(0, b"ok")
+    g.resume()
+    assert (tmp_path / "out" / "rom@etc" / "ok").read_bytes() == b"ok" + bytes(4094)
