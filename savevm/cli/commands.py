@@ -131,6 +131,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError("--dump-vmdesc", "together with --dump-devices it needs --json (one JSON document "
                                            "holds both)")
     max_ram = parse_size(args.max_ram, "--max-ram") if args.max_ram else None
+    if args.dump_vmdesc and not (args.json or args.dump_devices or args.extract_ram):
+        return _dump_vmdesc_only(args.file)
     bdir = BlockDir(args.extract_ram) if args.extract_ram else None
     try:
         with StreamSource(args.file) as src:
@@ -158,7 +160,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(json.dumps(rep))
     elif args.dump_devices:
         print(json.dumps(rep["devices"], indent=2))
-    elif args.dump_vmdesc:
+    elif args.dump_vmdesc:  # with --extract-ram
         if vmdesc is None:
             print(f"savevm: analyze: {args.file} has no vmdesc", file=sys.stderr)
             ok = False
@@ -169,6 +171,30 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if rep["status"] != "ok":
         print(f"savevm: analyze: {rep['error']}", file=sys.stderr)
     return 0 if ok and rep["status"] == "ok" else 1
+
+
+def _dump_vmdesc_only(path: str) -> int:
+    """``--dump-vmdesc`` alone: the vmdesc, found from the end of the file; the rest is not loaded.
+
+    The description is what a tool reads before walking a stream, so it is
+    printed even when the stream's body would not load (an exabyte block,
+    a damaged page); the summary is the place to find out about those.
+    """
+    from savevm.cli.analyze import StreamSource
+    from savevm.vmdesc import locate_vmdesc
+
+    with StreamSource(path) as src:
+        try:
+            found = locate_vmdesc(src.file)
+        except MigrationError as exc:
+            print(f"savevm: analyze: {exc}", file=sys.stderr)
+            return 1
+    if found is None:
+        print(f"savevm: analyze: {path} has no vmdesc (the stream ends without one, or is cut short)",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(found[1], indent=2))
+    return 0
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:

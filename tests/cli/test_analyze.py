@@ -422,3 +422,14 @@ def test_hostile_vmdesc_never_tracebacks(tmp_path: Path, devices: Any) -> None:
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         rc = main(["analyze", str(p), "--json", "--dump-devices"])
     assert rc in (0, 1) and json.loads(buf.getvalue())["status"] in ("ok", "error")
+
+
+def test_dump_vmdesc_does_not_need_a_loadable_body(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    desc = {"page_size": PAGE, "devices": []}
+    p = tmp_path / "eib.mig"
+    streams.hand_made(p, {"pc.ram": 1 << 60}, {}, vmdesc=desc)
+    assert main(["analyze", str(p), "--dump-vmdesc"]) == 0
+    assert json.loads(capsys.readouterr().out) == desc
+    # the summary of the same stream refuses the block, with the reason
+    rep = _json(capsys, str(p), "--json", "--dump-vmdesc", rc=1)
+    assert "over the limit" in rep["error"] and rep["vmdesc_json"] == desc
