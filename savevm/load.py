@@ -286,6 +286,13 @@ class StreamLoader:
         sits and how large it is (``savevm analyze``) override it.
         """
 
+    def command_read(self, cmd: Command, data: bytes, offset: int) -> None:
+        """A QEMU_VM_COMMAND record (``offset`` = its 0x08 byte) was read, before it is acted on.
+
+        Nothing to do for a migration; ``savevm analyze`` lists commands
+        beside the sections.
+        """
+
     def _footer(self, section_id: int, entry: SectionEntry) -> None:
         self._check_footer(section_id, entry.idstr)
 
@@ -318,6 +325,7 @@ class StreamLoader:
         if want >= 0 and length != want:
             raise CorruptStreamError(f"command {c.name} has length {length}, expected {want}", off)
         data = f.get_bytes(length, limit=0xFFFF)
+        self.command_read(c, data, off)
         rp = self.return_path
         if c == Command.OPEN_RETURN_PATH:
             log.debug("loadvm_process_command", cmd=c.name)

@@ -36,7 +36,7 @@ import numpy as np
 from savevm.channels.fd import FdChannel
 from savevm.config import MigrationConfig
 from savevm.errors import ChannelError, MigrationError, PluginError, UnknownSectionError
-from savevm.format import TARGET_PAGE_SIZE, SectionType
+from savevm.format import TARGET_PAGE_SIZE, Command, SectionType
 from savevm.handlers import SaveVMHandlers
 from savevm.load import StreamLoader
 from savevm.plugins import PluginHost
@@ -248,6 +248,7 @@ class _AnalyzingLoader(StreamLoader):
         self.budget = DecodeBudget()
         self.records: list[SectionRecord] = []
         self.devices: list[dict[str, Any]] = []
+        self.commands: list[dict[str, Any]] = []
         self.header_end: int | None = None
         self._how = "loaded"
 
@@ -273,6 +274,10 @@ class _AnalyzingLoader(StreamLoader):
         self.devices.append({"section_id": section_id, "version_id": version_id, **dev})
         self._how = "decoded (vmdesc)"
         return True
+
+    def command_read(self, cmd: Command, data: bytes, offset: int) -> None:
+        self.commands.append({"command": cmd.name, "offset": offset, "size": 5 + len(data),
+                              "data": data.hex()})
 
     def section_loaded(self, kind: SectionType, section_id: int, idstr: str, instance_id: int, version_id: int,
                        offset: int) -> None:
@@ -429,6 +434,7 @@ def analyze(src: StreamSource, *, machine: str | None = None, dump_devices: bool
     if loader is not None and loader.result.machine is not None:
         report["machine"] = loader.result.machine
     report["sections"] = [r.as_dict() for r in records]
+    report["commands"] = loader.commands if loader is not None else []
     blocks = list(ram.stream_order) if ram is not None else []
     c = handlers.counters if handlers is not None else None
     report["ram"] = _ram_report(blocks, c, counts)
@@ -492,14 +498,16 @@ def text_report(rep: dict[str, Any]) -> list[str]:
         lines.append(f"vmdesc       {rep['vmdesc_bytes']} bytes of JSON, marker at offset {rep['vmdesc_offset']}")
     else:
         lines.append("vmdesc       none")
-    if rep["sections"]:
-        w = max(len(s["idstr"]) for s in rep["sections"])
+    rows = [(s["offset"], s["type"], s["section_id"], s["idstr"], s["instance_id"], s["version_id"], s["size"],
+             s["how"]) for s in rep["sections"]]
+    rows += [(c["offset"], "CMD", "-", c["command"], "-", "-", c["size"], "read") for c in rep.get("commands", [])]
+    if rows:
+        w = max(len(r[3]) for r in rows)
         lines.append("sections     (stream order)")
         lines.append(f"  {'offset':>10}  {'type':<5}  {'id':>4}  {'idstr':<{w}}  {'inst':>4}  {'ver':>4}  "
                      f"{'bytes':>10}  how")
-        for s in rep["sections"]:
-            lines.append(f"  {s['offset']:>10}  {s['type']:<5}  {s['section_id']:>4}  {s['idstr']:<{w}}  "
-                         f"{s['instance_id']:>4}  {s['version_id']:>4}  {s['size']:>10}  {s['how']}")
+        for off, typ, sid, idstr, inst, ver, size, how in sorted(rows, key=lambda r: r[0]):
+            lines.append(f"  {off:>10}  {typ:<5}  {sid:>4}  {idstr:<{w}}  {inst:>4}  {ver:>4}  {size:>10}  {how}")
     ram = rep["ram"]
     for b in ram["blocks"]:
         lines.append(f"ram block    {b['idstr']}  {human(b['used_length'])}  non-zero pages {b['pages']}")

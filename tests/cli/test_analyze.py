@@ -433,3 +433,21 @@ def test_dump_vmdesc_does_not_need_a_loadable_body(tmp_path: Path, capsys: pytes
     # the summary of the same stream refuses the block, with the reason
     rep = _json(capsys, str(p), "--json", "--dump-vmdesc", rc=1)
     assert "over the limit" in rep["error"] and rep["vmdesc_json"] == desc
+
+
+def test_commands_are_listed_in_stream_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.mig"
+    data = streams.hand_made(p, {"pc.ram": PAGE}, {("pc.ram", 0): b"c" * PAGE})
+    cfg_end = 8 + 1 + 4 + len("pc-q35-7.2")
+    cmds = b"\x08\x00\x01\x00\x00" + b"\x08\x00\x02\x00\x04\x00\x00\x00\x01"  # OPEN_RETURN_PATH, PING(1)
+    p.write_bytes(data[:cfg_end] + cmds + data[cfg_end:])
+    dump = sd.parse_stream(p.read_bytes())
+    rep = _json(capsys, str(p), "--json")
+    assert [(c["command"], c["offset"], c["size"], c["data"]) for c in rep["commands"]] == [
+        ("OPEN_RETURN_PATH", cfg_end, 5, ""), ("PING", cfg_end + 5, 9, "00000001")]
+    assert [(1, b""), (2, b"\x00\x00\x00\x01")] == dump.commands
+    assert rep["sections"][0]["offset"] == cfg_end + 14
+    assert main(["analyze", str(p)]) == 0
+    table = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")
+             and not ln.startswith(" " * 13)]
+    assert [r[1] for r in table[1:4]] == ["CMD", "CMD", "START"]

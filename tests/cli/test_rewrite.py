@@ -157,3 +157,14 @@ def test_rewrite_keeps_a_qemu_like_block_order(tmp_path: Path) -> None:
     assert dump.pages[("pc.bios", PAGE)] == b"B" * PAGE and dump.pages[("pc.ram", 3 * PAGE)] == b"R" * PAGE
     assert dump.vmdesc is None and dump.machine == "pc-q35-7.2"  # REF had none, and no devices
     assert os.path.getsize(out) == len(out.read_bytes())
+
+
+def test_rewrite_drops_commands(tmp_path: Path) -> None:
+    p = tmp_path / "ref.mig"
+    data = streams.hand_made(p, {"pc.ram": PAGE}, {("pc.ram", 0): b"c" * PAGE})
+    cfg_end = 8 + 1 + 4 + len("pc-q35-7.2")
+    p.write_bytes(data[:cfg_end] + b"\x08\x00\x01\x00\x00" + data[cfg_end:])  # OPEN_RETURN_PATH
+    out = tmp_path / "out.mig"
+    assert main(["rewrite", str(p), str(out)]) == 0
+    dump = sd.parse_stream(out.read_bytes(), keep_pages=True)
+    assert dump.commands == [] and dump.pages[("pc.ram", 0)] == b"c" * PAGE
