@@ -295,34 +295,40 @@ class StreamSource:
     """The stream to analyze, as a seekable file: a path, or stdin (``-``).
 
     The vmdesc sits at the very end of a stream and device sections cannot
-    be walked without it, so a pipe on stdin is first copied to an unlinked
+    be walked without it, so anything that is not a regular file (a pipe on
+    stdin, a FIFO, a character device) is first copied to an unlinked
     temporary file (bounded memory; disk space of the stream's size).  A
-    regular file redirected to stdin is used as it is.
+    regular file, also one redirected to stdin, is used as it is.
     """
 
     def __init__(self, path: str) -> None:
         self.name = path
         self._spool: IO[bytes] | None = None
-        if path == "-":
-            try:
-                fd = os.dup(sys.stdin.fileno())
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    self._spool = tempfile.TemporaryFile(prefix="savevm-analyze-")
-                    with os.fdopen(fd, "rb") as src:
-                        shutil.copyfileobj(src, self._spool, _SPOOL_CHUNK)
-                    self._spool.flush()
-                    fd = os.dup(self._spool.fileno())
-            except (OSError, ValueError) as exc:
-                if self._spool is not None:
-                    self._spool.close()
-                raise ChannelError(f"cannot read the stream from stdin: {exc}") from exc
-        else:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise ChannelError(f"cannot open {path!r}: {exc}") from exc
+        what = "the stream from stdin" if path == "-" else repr(path)
+        try:
+            fd = os.dup(sys.stdin.fileno()) if path == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError) as exc:
+            raise ChannelError(f"cannot open {what}: {exc}") from exc
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise ChannelError(f"cannot read {what}: it is a directory")
+            if not stat.S_ISREG(mode):  # a pipe, a FIFO, a character device: not seekable
+                self._spool = tempfile.TemporaryFile(prefix="savevm-analyze-")
+                with os.fdopen(os.dup(fd), "rb") as src:
+                    shutil.copyfileobj(src, self._spool, _SPOOL_CHUNK)
+                self._spool.flush()
+                os.close(fd)
+                fd = os.dup(self._spool.fileno())
+            self.file: IO[bytes] = os.fdopen(os.dup(fd), "rb")
+        except BaseException as exc:
+            os.close(fd)
+            if self._spool is not None:
+                self._spool.close()
+            if isinstance(exc, OSError) and not isinstance(exc, ChannelError):
+                raise ChannelError(f"cannot read {what}: {exc}") from exc
+            raise
         self.fd = fd
-        self.file: IO[bytes] = os.fdopen(os.dup(fd), "rb")
         self.size = os.fstat(fd).st_size
 
     def pread(self, n: int, offset: int) -> bytes:

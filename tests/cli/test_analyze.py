@@ -451,3 +451,23 @@ def test_commands_are_listed_in_stream_order(tmp_path: Path, capsys: pytest.Capt
     table = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")
              and not ln.startswith(" " * 13)]
     assert [r[1] for r in table[1:4]] == ["CMD", "CMD", "START"]
+
+
+def test_inputs_that_are_not_regular_files(files: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "it is a directory" in capsys.readouterr().err
+    path, _ = files["plain"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as fh:
+            fh.write(path.read_bytes())
+
+    t = threading.Thread(target=feed)
+    t.start()
+    rep = _json(capsys, str(fifo), "--json", "--dump-devices")
+    t.join(30)
+    assert rep["status"] == "ok" and rep["bytes"] == path.stat().st_size and rep["devices"][0]["name"] == "demo-device"
