@@ -384,9 +384,9 @@ def analyze(src: StreamSource, *, machine: str | None = None, dump_devices: bool
     create (default :func:`available_memory`).  ``plugins``: the plugin host
     whose codecs decode pages (default: every installed plugin; a stream
     that announces a third-party codec needs the plugin that provides it).
-    Stream errors end up in the
-    report (``status``, ``error``, ``offset``); a missing RAM plugin, when the
-    stream needs it, raises :class:`~savevm.errors.PluginError`.
+    Stream errors end up in the report (``status``, ``error``, ``offset``); a
+    missing RAM plugin, when the stream needs it, raises
+    :class:`~savevm.errors.PluginError`.
     """
     savevm_ram = _ram_plugin()
     limit = available_memory() if max_ram is None else max_ram
