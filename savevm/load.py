@@ -237,12 +237,11 @@ class StreamLoader:
         if entry is None and kind == SectionType.SECTION_FULL and self.skip_unknown_devices:
             self._defer_devices((section_id, idstr, instance_id, version_id), off)
             return
-        if entry is None and kind == SectionType.SECTION_FULL and (idstr, instance_id) in self._skip_sizes:
-            # a device of the source we do not model (e.g. a real QEMU's CPU state): its
-            # size comes from the vmdesc, as analyze-migration.py walks it
-            f.skip(self._skip_sizes[(idstr, instance_id)])
+        if entry is None and kind == SectionType.SECTION_FULL and self.unmodelled_device(
+                section_id, idstr, instance_id, version_id):
             self._check_footer(section_id, idstr)
             self.result.skipped.append((idstr, instance_id, version_id))
+            self.section_loaded(kind, section_id, idstr, instance_id, version_id, off)
             return
         if entry is None:
             known = ", ".join(f"{e.idstr}/{e.instance_id}" for e in self.registry) or "none"
@@ -282,6 +281,7 @@ class StreamLoader:
             self._pending_devices.append((entry, loaded))
         self._footer(section_id, entry)
         self.result.sections.append((idstr, instance_id, version_id))
+        self.section_loaded(kind, section_id, idstr, instance_id, version_id, off)
 
     def _progress(self) -> None:
         """A live chunk is loaded: tell a savevm source how far this side has got (PROGRESS)."""
@@ -359,14 +359,13 @@ class StreamLoader:
         f = self.f
         entry = self.registry.find(idstr, instance_id)
         if entry is None:
-            size = self._skip_sizes.get((idstr, instance_id))
-            if size is None:
+            if not self.unmodelled_device(section_id, idstr, instance_id, version_id):
                 raise UnknownSectionError(
                     f"device section {idstr!r} instance {instance_id} is neither registered here nor described "
                     "by the stream's vmdesc", off)
-            f.skip(size)
             self._check_footer(section_id, idstr)
             self.result.skipped.append((idstr, instance_id, version_id))
+            self.section_loaded(SectionType.SECTION_FULL, section_id, idstr, instance_id, version_id, off)
             return
         if entry.is_live:
             raise CorruptStreamError(f"section {idstr!r} is a live section but arrived as FULL", off)
@@ -378,6 +377,7 @@ class StreamLoader:
         self._pending_devices.append((entry, loaded))
         self._footer(section_id, entry)
         self.result.sections.append((idstr, instance_id, version_id))
+        self.section_loaded(SectionType.SECTION_FULL, section_id, idstr, instance_id, version_id, off)
 
     def _part_end(self, kind: SectionType, off: int) -> None:
         f = self.f
@@ -393,6 +393,39 @@ class StreamLoader:
         entry.handlers.load_state(f, version_id)
         self._progress()
         self._footer(section_id, entry)
+        self.section_loaded(kind, section_id, entry.idstr, entry.instance_id, version_id, off)
+
+    # ---------------------------------------------------------------- extension points
+    def unmodelled_device(self, section_id: int, idstr: str, instance_id: int, version_id: int) -> bool:
+        """A FULL section no registered device claims; the stream is at its first data byte.
+
+        A migration can only skip it, by the size the source's vmdesc gives
+        (a real QEMU's CPU state, which we do not model), as
+        analyze-migration.py walks it.  True: the data has been consumed and
+        the footer is next; False: the section is refused as unknown.  Tools
+        override this to decode the data instead (``savevm analyze
+        --dump-devices``).
+        """
+        size = self._skip_sizes.get((idstr, instance_id))
+        if size is None:
+            return False
+        self.f.skip(size)
+        return True
+
+    def section_loaded(self, kind: SectionType, section_id: int, idstr: str, instance_id: int, version_id: int,
+                       offset: int) -> None:
+        """One section record (``offset`` = its type byte) has been read through its footer.
+
+        Nothing to do for a migration; tools that report where each section
+        sits and how large it is (``savevm analyze``) override it.
+        """
+
+    def command_read(self, cmd: Command, data: bytes, offset: int) -> None:
+        """A QEMU_VM_COMMAND record (``offset`` = its 0x08 byte) was read, before it is acted on.
+
+        Nothing to do for a migration; ``savevm analyze`` lists commands
+        beside the sections.
+        """
 
     def _footer(self, section_id: int, entry: SectionEntry) -> None:
         self._check_footer(section_id, entry.idstr)
@@ -426,6 +459,7 @@ class StreamLoader:
         if want >= 0 and length != want:
             raise CorruptStreamError(f"command {c.name} has length {length}, expected {want}", off)
         data = f.get_bytes(length, limit=0xFFFF)
+        self.command_read(c, data, off)
         rp = self.return_path
         if c == Command.OPEN_RETURN_PATH:
             log.debug("loadvm_process_command", cmd=c.name)

@@ -23,11 +23,18 @@ corrupt length or a huge file costs at most that much memory.
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import IO, Any
+import struct
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+
+import attrs
 
 from savevm.errors import CorruptStreamError, TruncatedStreamError
 from savevm.format import SectionType
+
+if TYPE_CHECKING:
+    from savevm.qemufile import QEMUFile
 
 #: Bound on the vmdesc JSON we are willing to read.
 MAX_VMDESC = 64 << 20
@@ -159,17 +166,29 @@ def _read_tail(fh: IO[bytes]) -> tuple[int, dict[str, Any]] | None:
         want *= 16
 
 
-def read_vmdesc(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def read_vmdesc(path: str | os.PathLike[str] | IO[bytes]) -> dict[str, Any] | None:
     """The vmdesc at the end of a stream file, or None if it has none.
 
     Reads the file's tail lazily (64 KiB first, more only while the answer
     depends on earlier bytes, never more than :data:`MAX_VMDESC_TAIL`), so
     a many-GiB stream costs a few reads.  See :func:`find_vmdesc` for the
-    rule and for what None means; errors carry file offsets.
+    rule and for what None means; errors carry file offsets.  ``path`` may
+    also be a seekable binary file object (e.g. a spooled stdin).
     """
-    with open(path, "rb") as fh:
-        found = _read_tail(fh)
+    found = locate_vmdesc(path)
     return None if found is None else found[1]
+
+
+def locate_vmdesc(path: str | os.PathLike[str] | IO[bytes]) -> tuple[int, dict[str, Any]] | None:
+    """Like :func:`read_vmdesc`, with the file offset of the vmdesc's 0x06 marker.
+
+    The JSON follows at offset + 5 and runs to the end of the file; a tool
+    that copies a stream's vmdesc (``savevm rewrite``) copies those bytes.
+    """
+    if isinstance(path, str | os.PathLike):
+        with open(path, "rb") as fh:
+            return _read_tail(fh)
+    return _read_tail(path)
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +249,221 @@ def device_sizes(vmdesc: dict[str, Any]) -> dict[tuple[str, int], int]:
     return out
 
 
+
+# ---------------------------------------------------------------------------
+# decoding device state through a vmdesc
+# ---------------------------------------------------------------------------
+
+#: Bytes of one blob kept as hex in a decoded device (the rest is read, counted and dropped).
+MAX_HEX_BYTES = 64 << 10
+#: Nesting (structs in structs, subsections in subsections) a vmdesc may have when decoded.
+MAX_DECODE_DEPTH = 64
+#: Values (every element of every field) one :class:`DecodeBudget` allows by default.
+MAX_DECODE_VALUES = 1 << 20
+#: Hex bytes kept across all blobs of one :class:`DecodeBudget` by default.
+MAX_HEX_TOTAL = 64 << 20
+
+#: Integer VMStateInfo names -> (bytes, signed).  Every one is big-endian on the wire:
+#: "int32 le" means "less or equal" (the loader requires the received value to be at most
+#: its own, QEMU's get_int32_le) and is written by the plain int32 put.  A timer is the
+#: be64 expiry in ns, -1 when not armed.
+_INTS: dict[str, tuple[int, bool]] = {
+    "int8": (1, True), "int16": (2, True), "int32": (4, True), "int64": (8, True),
+    "int32 equal": (4, True), "int32 le": (4, True), "int64 equal": (8, True), "timer": (8, True),
+    "uint8": (1, False), "uint16": (2, False), "uint32": (4, False), "uint64": (8, False),
+    "uint8 equal": (1, False), "uint16 equal": (2, False), "uint32 equal": (4, False),
+    "uint64 equal": (8, False),
+}
+#: be64 holding an IEEE double's bits
+_FLOATS = frozenset({"CPU_Double_U", "float64"})
+#: types whose nested description QEMU writes straight into the field object (no "struct" child)
+_INLINE_NESTED = frozenset({"vstruct", "tmp"})
+#: QEMU's null-pointer marker: an info also named "uint64" that writes the single byte '0'
+_NULLPTR_MARKER = 0x30
+
+
+@attrs.define
+class DecodeBudget:
+    """What decoding may still spend, shared by every device of one stream.
+
+    The vmdesc comes from the stream, so it decides how many values there
+    are (an ``array_len`` of a billion zero-size elements costs no stream
+    bytes at all) and how much hex is kept; the budget bounds both for a
+    whole run, not per device, so many small hostile devices cannot add up.
+    """
+
+    values: int = MAX_DECODE_VALUES
+    hex_bytes: int = MAX_HEX_TOTAL
+    #: bytes of one blob kept as hex (the rest is read and dropped, and the field says "truncated")
+    hex_per_blob: int = MAX_HEX_BYTES
+
+
+class _DeviceDecoder:
+    """One device's walk over the stream, field by field as its vmdesc entry describes it."""
+
+    def __init__(self, f: QEMUFile, budget: DecodeBudget) -> None:
+        self.f = f
+        self.budget = budget
+
+    def fail(self, msg: str, offset: int | None = None) -> NoReturn:
+        raise CorruptStreamError(msg, self.f.pos if offset is None else offset)
+
+    def count(self, value: Any, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(f"vmdesc: {what} is {value!r}, expected a non-negative integer")
+        return value
+
+    def items(self, desc: dict[str, Any], key: str, where: str) -> list[Any]:
+        v = desc.get(key, [])
+        if not isinstance(v, list):
+            self.fail(f"vmdesc: {key!r} of {where} is not a list")
+        return v
+
+    def vmsd(self, desc: Any, where: str, depth: int) -> dict[str, Any]:
+        """Fields, then subsections, of one description (a device, a struct, a subsection)."""
+        if depth > MAX_DECODE_DEPTH:
+            self.fail(f"vmdesc: {where} is nested more than {MAX_DECODE_DEPTH} levels deep")
+        if not isinstance(desc, dict):
+            self.fail(f"vmdesc: the description of {where} is not an object")
+        out: dict[str, Any] = {}
+        for key in ("vmsd_name", "version"):
+            if key in desc:
+                out[key] = desc[key]
+        out["fields"] = [self.field(fd, where, depth) for fd in self.items(desc, "fields", where)]
+        subs = self.items(desc, "subsections", where)
+        if subs:
+            out["subsections"] = [self.subsection(sd, where, depth) for sd in subs]
+        return out
+
+    def subsection(self, sd: Any, where: str, depth: int) -> dict[str, Any]:
+        """``0x05, counted name, be32 version``, then the subsection's own fields (qemu-format.md 1.6)."""
+        if not isinstance(sd, dict):
+            self.fail(f"vmdesc: a subsection of {where} is not an object")
+        want = sd.get("vmsd_name")
+        off = self.f.pos
+        t = self.f.get_byte()
+        if t != SectionType.SUBSECTION:
+            self.fail(f"expected subsection {want!r} of {where} (byte 0x05), found 0x{t:02x}", off)
+        name = self.f.get_counted_string()
+        if name != want:
+            self.fail(f"subsection of {where} is {name!r}, the vmdesc describes {want!r} here", off)
+        version = self.f.get_be32()
+        if "version" in sd and version != sd["version"]:
+            self.fail(f"subsection {name!r} has version {version}, the vmdesc says {sd['version']!r}", off)
+        body = self.vmsd(sd, name, depth + 1)
+        return {"vmsd_name": name, "version": version, "offset": off, "fields": body["fields"],
+                **({"subsections": body["subsections"]} if "subsections" in body else {})}
+
+    def field(self, fd: Any, where: str, depth: int) -> dict[str, Any]:
+        if not isinstance(fd, dict):
+            self.fail(f"vmdesc: a field of {where} is not an object")
+        name = fd.get("name")
+        name = name if isinstance(name, str) else repr(name)
+        path = f"{where}.{name}"
+        out: dict[str, Any] = {"name": name}
+        if "index" in fd:
+            out["index"] = self.count(fd["index"], f"index of {path}")
+            path += f"[{out['index']}]"
+        typ = fd.get("type")
+        if not isinstance(typ, str):
+            self.fail(f"vmdesc: field {path} has type {typ!r}, expected a string")
+        size = self.count(fd.get("size"), f"size of {path}")
+        out.update({"type": typ, "size": size, "offset": self.f.pos})
+        if "array_len" in fd:
+            n = self.count(fd["array_len"], f"array_len of {path}")
+            if n > self.budget.values:
+                self.fail(f"vmdesc: {path} has {n} elements, more than the {self.budget.values} values "
+                          "left to decode")
+            out["array_len"] = n
+            out["value"] = [self.element(fd, typ, size, f"{path}[{i}]", depth, out) for i in range(n)]
+        else:
+            out["value"] = self.element(fd, typ, size, path, depth, out)
+        return out
+
+    def element(self, fd: dict[str, Any], typ: str, size: int, path: str, depth: int,
+                out: dict[str, Any]) -> Any:
+        """One value of ``size`` stream bytes, decoded by its type; unknown types become hex."""
+        if self.budget.values <= 0:
+            self.fail(f"decoding {path}: more values than the decoder allows ({MAX_DECODE_VALUES} by default)")
+        self.budget.values -= 1
+        f = self.f
+        start = f.pos
+        nested: Any = None
+        if typ == "struct":
+            nested = fd.get("struct")
+            if not isinstance(nested, dict):
+                self.fail(f"vmdesc: struct field {path} has no 'struct' description")
+        elif typ in _INLINE_NESTED and "fields" in fd:
+            nested = fd
+        if nested is not None:
+            value = self.vmsd(nested, path, depth + 1)
+            used = f.pos - start
+            if used != size:
+                self.fail(f"vmdesc: {path} is {size} bytes, but the fields and subsections it describes "
+                          f"take {used}", start)
+            return value
+        if typ == "bool" and size == 1:
+            b = f.get_byte()
+            return bool(b) if b <= 1 else b  # QEMU reads any non-zero byte as true; show the odd ones
+        if typ in _INTS:
+            width, signed = _INTS[typ]
+            if size == width:
+                return int.from_bytes(f.get_bytes(size, limit=8), "big", signed=signed)
+            if typ == "uint64" and size == 1:
+                b = f.get_byte()
+                if b == _NULLPTR_MARKER:
+                    out["null_pointer"] = True
+                    return None
+                out["format"] = "hex"
+                return f"{b:02x}"
+        if typ in _FLOATS and size == 8:
+            (v,) = struct.unpack(">d", f.get_bytes(8, limit=8))
+            return v if math.isfinite(v) else repr(v)  # JSON has no NaN or infinity
+        return self.blob(size, out)
+
+    def blob(self, size: int, out: dict[str, Any]) -> str:
+        """``size`` raw bytes as hex, keeping at most what the budget allows."""
+        b = self.budget
+        keep = min(size, b.hex_per_blob, b.hex_bytes)
+        raw = self.f.get_bytes(keep, limit=keep)
+        b.hex_bytes -= keep
+        if size > keep:
+            self.f.skip(size - keep)
+            out["truncated"] = True
+        out["format"] = "hex"
+        return raw.hex()
+
+
+def decode_device(f: QEMUFile, device: dict[str, Any], budget: DecodeBudget | None = None) -> dict[str, Any]:
+    """Read one FULL section's data from ``f`` field by field, as its vmdesc entry describes it.
+
+    ``device`` is an entry of the stream's vmdesc ``devices``; ``f`` stands
+    at the section's first data byte and is left after the last one (the
+    footer is the caller's).  The device state carries no types or lengths of
+    its own (qemu-format.md 1.8), so the vmdesc is the only key to it: ints
+    are decoded signed or unsigned by the type table, big-endian; bools,
+    doubles, structs (recursively, each checked against its described size),
+    arrays (``array_len``: one value list; ``index``: one entry per element)
+    and subsections (their 0x05 header checked against the vmdesc); any
+    other type, or a size the type cannot have, is kept as hex.  Every field
+    gets its stream ``offset``.  A description that does not fit the bytes
+    raises :class:`~savevm.errors.CorruptStreamError` at the offset where
+    they part; hostile sizes and counts cost at most ``budget``.
+    """
+    d = _DeviceDecoder(f, budget if budget is not None else DecodeBudget())
+    if not isinstance(device, dict):
+        d.fail("vmdesc: a device entry is not an object")
+    start = f.pos
+    name = device.get("name")
+    body = d.vmsd(device, name if isinstance(name, str) else repr(name), 0)
+    size = f.pos - start
+    declared = device.get("size")  # old-style (save_state) devices carry their total
+    if declared is not None and declared != size:
+        d.fail(f"vmdesc: device {name!r} is {declared!r} bytes but its fields take {size}", start)
+    return {"name": name, "instance_id": device.get("instance_id"), **body, "offset": start, "size": size}
+
 __all__ = [
-    "MAX_VMDESC", "MAX_VMDESC_TAIL", "device_sizes", "find_vmdesc", "parse_vmdesc", "read_vmdesc",
+    "MAX_DECODE_DEPTH", "MAX_DECODE_VALUES", "MAX_HEX_BYTES", "MAX_HEX_TOTAL", "MAX_VMDESC", "MAX_VMDESC_TAIL",
+    "DecodeBudget", "decode_device", "device_sizes", "find_vmdesc", "locate_vmdesc", "parse_vmdesc", "read_vmdesc",
     "vmdesc_json",
 ]

@@ -89,7 +89,7 @@ PLUGIN_PACKAGES = {"savevm_ram", "savevm_xbzrle", "savevm_rdma_stub"}
 PLUGIN_IMPORTS_ALLOWED = {("savevm_xbzrle", "savevm_ram"), ("savevm_rdma_stub", "savevm_ram")}
 #: core modules that adapt the CLI to the RAM plugin: they may import it, inside functions only,
 #: and must say what to install when it is missing (checked by test_core_cli_without_plugins)
-CORE_CLI_ADAPTERS = {"savevm/cli/qemu_guest.py", "savevm/cli/analyze.py"}
+CORE_CLI_ADAPTERS = {"savevm/cli/qemu_guest.py", "savevm/cli/analyze.py", "savevm/cli/rewrite.py"}
 
 
 def _package_files(pkg: str) -> list[Path]:

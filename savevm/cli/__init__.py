@@ -1,4 +1,4 @@
-"""The ``savevm`` command: migrate, incoming, analyze, bench, and what plugins add (demo).
+"""The ``savevm`` command: migrate, incoming, analyze, rewrite, bench, and what plugins add (demo).
 
 Output: a live progress bar on a terminal (plain lines in a pipe), a stats
 table at the end, or with ``--json`` one JSON object shaped like QMP
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -125,11 +126,28 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     common_options(b)
     b.set_defaults(func=_run("cmd_bench"))
 
-    a = sub.add_parser("analyze", help="describe a migration stream file (ours or QEMU's)")
-    a.add_argument("file")
+    a = sub.add_parser("analyze", help="describe a migration stream file (ours or QEMU's): sections, RAM, devices")
+    a.add_argument("file", metavar="STREAM", help="the stream file, or - for stdin")
     a.add_argument("--machine", help="expected machine name (default: the stream's own)")
+    a.add_argument("--dump-devices", action="store_true",
+                   help="print the device sections decoded field by field through the stream's vmdesc, as JSON")
+    a.add_argument("--dump-vmdesc", action="store_true", help="print the stream's vmdesc JSON")
+    a.add_argument("--extract-ram", metavar="DIR",
+                   help="write each RAM block to DIR/<idstr> (folders for idstrs with '/'), as a destination loads it")
+    a.add_argument("--max-ram", metavar="SIZE",
+                   help="RAM the stream's blocks may take, e.g. 64G (default: the memory available here)")
     common_options(a)
     a.set_defaults(func=_run("cmd_analyze"))
+
+    r = sub.add_parser("rewrite", help="write REF's stream with RAM blocks replaced by files")
+    r.add_argument("ref", metavar="REF", help="the reference stream: configuration, block list, devices")
+    r.add_argument("out", metavar="OUT", help="the stream to write (via OUT.part, renamed when complete)")
+    r.add_argument("--ram", action="append", default=[], metavar="BLOCK=FILE",
+                   help="replace RAMBlock BLOCK by FILE, exactly the block's length (repeatable)")
+    r.add_argument("--ram-only", action="store_true", help="leave REF's device sections out")
+    r.add_argument("--max-ram", metavar="SIZE", help="RAM REF's blocks may take (default: the memory available here)")
+    common_options(r)
+    r.set_defaults(func=_run("cmd_rewrite"))
 
     if plugins is None:
         from savevm.plugins import PluginHost
@@ -160,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     try:
         rc: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
         return rc
+    except BrokenPipeError:
+        # `savevm analyze X | head`: the reader has gone; end quietly, as a program killed by SIGPIPE
+        _detach_stdout()
+        return 128 + 13
     except MigrationError as exc:
         if getattr(args, "json", False):
             print(json.dumps({"status": "failed", "error-desc": str(exc)}))
@@ -169,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("savevm: interrupted", file=sys.stderr)
         return 130
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush has nowhere to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

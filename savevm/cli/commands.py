@@ -117,23 +117,102 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """``savevm analyze FILE``: sections, RAM blocks and page counts of a stream file."""
-    from savevm.cli.analyze import analyze_file
+    """``savevm analyze STREAM``: sections, RAM, devices, vmdesc and RAM blocks of a stream file.
 
-    report = analyze_file(args.file, machine=args.machine)
+    Exactly one document goes to stdout: the JSON summary (``--json``, which
+    then also holds ``devices`` and ``vmdesc_json`` when those are asked
+    for), or the device dump, or the vmdesc, or the text summary.  A damaged
+    stream exits 1, with its reason and offset on stderr as well.
+    """
+    from savevm.cli.analyze import StreamSource, analyze, text_report
+    from savevm.cli.blockfiles import BlockDir, block_path_parts
+    from savevm.config import parse_size
+
+    if args.dump_devices and args.dump_vmdesc and not args.json:
+        raise ConfigError("--dump-vmdesc", "together with --dump-devices it needs --json (one JSON document "
+                                           "holds both)")
+    max_ram = parse_size(args.max_ram, "--max-ram") if args.max_ram else None
+    if args.dump_vmdesc and not (args.json or args.dump_devices or args.extract_ram):
+        return _dump_vmdesc_only(args.file)
+    bdir = BlockDir(args.extract_ram) if args.extract_ram else None
+    try:
+        with StreamSource(args.file) as src:
+            an = analyze(src, machine=args.machine, dump_devices=args.dump_devices, max_ram=max_ram)
+        rep = an.report
+        if bdir is not None and an.ok:
+            files = []
+            try:
+                for b in an.blocks:  # every name is checked before anything is written
+                    block_path_parts(b.idstr)
+                for b in an.blocks:
+                    path = bdir.write_block(b.idstr, b.host[: b.used_length])
+                    files.append({"idstr": b.idstr, "path": path, "bytes": b.used_length})
+            except MigrationError as exc:
+                rep.update(status="error", error=str(exc), offset=None)
+            rep["extracted"] = {"dir": args.extract_ram, "files": files}
+    finally:
+        if bdir is not None:
+            bdir.close()
+    vmdesc = an.vmdesc_at[1] if an.vmdesc_at is not None else None
+    ok = an.ok
     if args.json:
-        print(json.dumps(report))
+        if args.dump_vmdesc:
+            rep["vmdesc_json"] = vmdesc
+        print(json.dumps(rep))
+    elif args.dump_devices:
+        print(json.dumps(rep["devices"], indent=2))
+    elif args.dump_vmdesc:  # with --extract-ram
+        if vmdesc is None:
+            print(f"savevm: analyze: {args.file} has no vmdesc", file=sys.stderr)
+            ok = False
+        else:
+            print(json.dumps(vmdesc, indent=2))
     else:
-        print(f"== {args.file} ==")
-        print(f"machine      {report['machine']}")
-        print(f"bytes        {report['bytes']}")
-        for s in report["sections"]:
-            print(f"section      {s['idstr']} instance {s['instance_id']} version {s['version_id']} ({s['how']})")
-        for b in report["ram"]["blocks"]:
-            print(f"ram block    {b['idstr']}  {human(b['used_length'])}  pages loaded {b['pages']}")
-        print(f"ram records  zero {report['ram']['zero']}  normal {report['ram']['normal']}  "
-              f"encoded (xbzrle/compressed) {report['ram']['encoded']}")
-    return 0 if report["status"] == "ok" else 1
+        print("\n".join(text_report(rep)))
+    if rep["status"] != "ok":
+        print(f"savevm: analyze: {rep['error']}", file=sys.stderr)
+    return 0 if ok and rep["status"] == "ok" else 1
 
 
-__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_incoming", "cmd_migrate"]
+def _dump_vmdesc_only(path: str) -> int:
+    """``--dump-vmdesc`` alone: the vmdesc, found from the end of the file; the rest is not loaded.
+
+    The description is what a tool reads before walking a stream, so it is
+    printed even when the stream's body would not load (an exabyte block,
+    a damaged page); the summary is the place to find out about those.
+    """
+    from savevm.cli.analyze import StreamSource
+    from savevm.vmdesc import locate_vmdesc
+
+    with StreamSource(path) as src:
+        try:
+            found = locate_vmdesc(src.file)
+        except MigrationError as exc:
+            print(f"savevm: analyze: {exc}", file=sys.stderr)
+            return 1
+    if found is None:
+        print(f"savevm: analyze: {path} has no vmdesc (the stream ends without one, or is cut short)",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(found[1], indent=2))
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    """``savevm rewrite REF OUT --ram BLOCK=FILE``: REF's stream with RAM blocks replaced."""
+    from savevm.cli.rewrite import parse_ram_specs, rewrite
+    from savevm.config import parse_size
+
+    max_ram = parse_size(args.max_ram, "--max-ram") if args.max_ram else None
+    out = rewrite(args.ref, args.out, parse_ram_specs(args.ram), ram_only=args.ram_only, max_ram=max_ram)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"wrote {out['out']}: {out['bytes']} bytes, machine {out['machine']}, "
+              f"{out['normal']} normal and {out['zero']} zero pages, {out['device_sections']} device sections")
+        for b in out["blocks"]:
+            print(f"  {b['idstr']:<30} {b['used_length']:>12}  from {b['from']}")
+    return 0
+
+
+__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_incoming", "cmd_migrate", "cmd_rewrite"]

@@ -4,17 +4,16 @@ Its RAMList creates blocks as the stream announces them, so any QEMU
 machine's RAM (``pc.ram``, the ROM blocks, ...) is received without
 knowing its layout; pair it with ``--vmdesc`` so the machine's device
 sections are skipped.  ``dump_dir=DIR`` writes each block to a file named
-after it once loaded, like analyze-migration.py's ``--extract``.
+after it once loaded, as ``savevm analyze --extract-ram`` does (same rules:
+folders for idstrs with ``/``, nothing outside DIR, nothing overwritten).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 from savevm.errors import PluginError
-from savevm.files import open_under
 
 
 def _ram_plugin() -> Any:
@@ -52,12 +51,13 @@ class QemuGuest:
         """Loaded: write the blocks out if asked to."""
         if not self.dump_dir:
             return
-        os.makedirs(self.dump_dir, mode=0o700, exist_ok=True)
-        for b in self.ram:
-            # the name came from the peer: it never picks a path outside dump_dir (see savevm.files)
-            fd = open_under(self.dump_dir, b.idstr)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(b.mv[: b.used_length])
+        from savevm.cli.blockfiles import BlockDir, block_path_parts
+
+        for b in self.ram:  # names come from the stream: all checked before anything is written
+            block_path_parts(b.idstr)
+        with BlockDir(self.dump_dir) as d:
+            for b in self.ram:
+                d.write_block(b.idstr, b.host[: b.used_length])
 
     def set_throttle(self, percent: int) -> None:
         """Nothing to throttle."""

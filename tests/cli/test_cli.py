@@ -119,10 +119,34 @@ def test_analyze_text_output(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"== {p} ==" and lines[1].split() == ["machine", "savevm"]
     assert lines[2].split() == ["bytes", str(p.stat().st_size)]
-    assert "section      ram instance 0 version 4 (loaded)" in lines
-    assert "section      demo-device instance 0 version 2 (skipped (vmdesc))" in lines
+    assert lines[3].split() == ["status", "ok"]
+    table = [ln.split() for ln in lines if ln.startswith("  ") and not ln.startswith(" " * 13)]
+    assert table[0] == ["offset", "type", "id", "idstr", "inst", "ver", "bytes", "how"]
+    rows = table[1:]
+    assert [(r[1], r[3]) for r in rows] == [("START", "ram"), ("PART", "ram"), ("END", "ram"),
+                                            ("FULL", "demo-device")]
+    assert rows[0][0] == "19" and rows[0][7:] == ["loaded"] and rows[-1][7:] == ["skipped", "(vmdesc)"]
+    # the sections tile the stream from the end of the header to EOF
+    assert all(int(a[0]) + int(a[6]) == int(b[0]) for a, b in zip(rows, rows[1:]))
     assert [ln.split()[2] for ln in lines if ln.startswith("ram block")] == ["pc.ram", "vga"]
-    assert lines[-1].split() == ["ram", "records", "zero", "24", "normal", "48", "encoded", "(xbzrle/compressed)", "0"]
+    records = {ln.split()[-3]: ln.split()[-2:] for ln in lines if ln.startswith(" " * 13)}
+    assert records["zero"] == ["24", str(24 * 9)] and records["normal"] == ["48", str(48 * 4104)]
+    assert records["xbzrle"] == ["0", "0"]
+
+
+def test_analyze_text_output_names_the_damage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.qevm"
+    _snapshot(p)
+    data = bytearray(p.read_bytes())
+    data[19] = 0x09  # the START's type byte
+    p.write_bytes(bytes(data))
+    assert main(["analyze", str(p)]) == 1
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert lines[3].split() == ["status", "error"]
+    assert lines[4].startswith("error        unknown section type 0x09")
+    assert lines[5].split() == ["offset", "19", "(0x13)"]
+    assert "unknown section type 0x09" in cap.err and "offset 19" in cap.err
 
 
 def test_analyze_takes_the_machine_from_the_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,7 +194,10 @@ def test_analyze_without_the_ram_plugin(tmp_path: Path, capsys: pytest.CaptureFi
     assert "Traceback" not in err
     assert main(["analyze", str(no_ram), "--json"]) == 0, "no RAM section: no plugin needed"
     rep = json.loads(capsys.readouterr().out)
-    assert rep["status"] == "ok" and rep["ram"] == {"blocks": [], "zero": 0, "normal": 0, "encoded": 0}
+    assert rep["status"] == "ok"
+    assert {k: rep["ram"][k] for k in ("blocks", "zero", "normal", "encoded")} == {
+        "blocks": [], "zero": 0, "normal": 0, "encoded": 0}
+    assert all(v == {"count": 0, "bytes": 0} for v in rep["ram"]["records"].values())
 
 
 def test_analyze_reports_what_is_not_a_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -181,3 +208,19 @@ def test_analyze_reports_what_is_not_a_stream(tmp_path: Path, capsys: pytest.Cap
     assert rep["status"] == "error" and "magic" in rep["error"] and rep["offset"] == 0
     assert main(["analyze", str(tmp_path / "missing.qevm")]) == 2
     assert "cannot open" in capsys.readouterr().err
+
+
+def test_qemu_guest_dump_dir_keeps_names_inside(tmp_path: Path) -> None:
+    from savevm.cli.blockfiles import UnsafeBlockName
+    from savevm.cli.qemu_guest import QemuGuest
+
+    g = QemuGuest(dump_dir=str(tmp_path / "out"))
+    g.ram.create("/rom@etc/ok", 4096)
+    g.ram.create("../escaped", 4096)
+    with pytest.raises(UnsafeBlockName, match="would leave the folder"):
+        g.resume()
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()
+    g = QemuGuest(dump_dir=str(tmp_path / "out"))
+    g.ram.create("/rom@etc/ok", 4096).write(0, b"ok")
+    g.resume()
+    assert (tmp_path / "out" / "rom@etc" / "ok").read_bytes() == b"ok" + bytes(4094)

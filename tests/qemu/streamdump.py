@@ -98,6 +98,10 @@ class StreamDump:
     ram_blocks: list[tuple[str, int]] = field(default_factory=list)
     ram_flag_counts: Counter = field(default_factory=Counter)
     ram_continue_count: int = 0
+    #: page records by kind name: header (8) + body bytes; block names counted apart
+    ram_kind_bytes: Counter = field(default_factory=Counter)
+    ram_name_count: int = 0
+    ram_name_bytes: int = 0
     pages: dict[tuple[str, int], bytes] = field(default_factory=dict)
     commands: list[tuple[int, bytes]] = field(default_factory=list)
     eof_offset: int | None = None
@@ -248,8 +252,12 @@ def _parse_ram(r: _Reader, dump: StreamDump, keep_pages: bool, state: dict[str, 
                 if state.get("block") is None:
                     raise StreamError(f"CONTINUE without a previous block at {r.pos - 8}")
             else:
+                before = r.pos
                 state["block"] = r.counted()
+                dump.ram_name_count += 1
+                dump.ram_name_bytes += r.pos - before
             block = state["block"]
+            body_start = r.pos
             if kind == RAM_FLAG_ZERO:
                 fill = r.u8()
                 if keep_pages:
@@ -263,6 +271,7 @@ def _parse_ram(r: _Reader, dump: StreamDump, keep_pages: bool, state: dict[str, 
                 r.take(r.be16())
             else:
                 r.take(r.be32())
+            dump.ram_kind_bytes[name] += 8 + r.pos - body_start
             continue
         raise StreamError(f"unknown RAM flags {flags:#x} at offset {r.pos - 8}")
 
