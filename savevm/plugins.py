@@ -107,7 +107,7 @@ class PluginHost:
             known |= _plugin_aliases(name)
         for table in tables:
             if table not in known:
-                shown = sorted(n for n in known if "." not in n and not n.startswith("qmp-notifier"))
+                shown = sorted(n for n in known if "." not in n and not n.isdigit() and not n.startswith("qmp-"))
                 raise ConfigError(f"plugins.{table}", f"no plugin named {table!r} (known plugins: "
                                                       f"{', '.join(shown)})")
 

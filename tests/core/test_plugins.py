@@ -190,7 +190,7 @@ def test_hook_savevm_configure(install_dist) -> None:  # noqa: ANN001
     host.register(obj, name="myplug")
     assert obj.calls == [(cfg2, {})]
     extra = Configurable()
-    PluginHost(fresh_config(options={"x": {"a": 1}}), load_entrypoints=False, extra=[extra])
+    PluginHost(fresh_config(options={"xbzrle": {"a": 1}}), load_entrypoints=False, extra=[extra])
     assert len(extra.calls) == 1
 
 

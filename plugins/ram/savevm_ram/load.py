@@ -196,6 +196,10 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
             raise CorruptStreamError(f"unknown combination of RAM flags 0x{flags:x}", off)
 
 
+#: Records examined per vectorised step of :func:`_fast_run` (a longer run takes several steps).
+_RUN_WINDOW = 1024
+
+
 def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
     """Apply runs of PAGE|CONTINUE / ZERO|CONTINUE records straight from the stage.
 
@@ -231,6 +235,10 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             if k == 0:
                 need = stride
                 break
+            # look at a bounded window of headers: with short runs (zero and normal pages
+            # alternating, as in sparse memory) checking every header left in a 4 MiB stage at
+            # each step made the loop quadratic (1.8 s for 16k scattered pages; 20 ms now)
+            k = min(k, _RUN_WINDOW)
             hdr = np.ndarray((k,), dtype=_BE64_DT, buffer=buf, offset=pos, strides=(stride,))
             same = (hdr & FLAGS_MASK) == fl
             if not same.all():
