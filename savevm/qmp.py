@@ -200,7 +200,13 @@ class _Notifier:
 
     @hookimpl
     def savevm_migration_state_changed(self, migration: MigrationBase, old: str, new: str) -> None:
-        """Report the new state (must not block: emitting only queues bytes on sockets)."""
+        """Report the new state (must not block: emitting only queues bytes on sockets).
+
+        Passes not reported yet go first, so a client sees every MIGRATION_PASS
+        before the ``completed`` that follows the final one, as from QEMU.
+        """
+        if isinstance(migration, Migration):
+            self._monitor._flush_passes(migration)
         self._monitor.emit("MIGRATION", {"status": new})
 
 
@@ -236,6 +242,9 @@ class QMPMonitor:
         self.version = __version__
         self._lock = threading.RLock()
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._pass_lock = threading.Lock()
+        #: migration id -> the last MIGRATION_PASS sent
+        self._passes_sent: dict[str, int] = {}
         self.guest = MonitoredGuest(program, self.emit)
         self.migration: Migration | None = None
         self.incoming: Incoming | None = None
@@ -404,17 +413,24 @@ class QMPMonitor:
         threading.Thread(target=self._watch_passes, args=(mig,), name="savevm-qmp-pass", daemon=True).start()
         return mig
 
-    def _watch_passes(self, mig: Migration) -> None:
-        """MIGRATION_PASS once per dirty-bitmap sync, as QEMU's migration_bitmap_sync sends it."""
-        last = 0
-        while True:
-            done = mig.finished()
+    def _flush_passes(self, mig: Migration) -> None:
+        """One MIGRATION_PASS per dirty-bitmap sync not reported yet (QEMU's migration_bitmap_sync sends it)."""
+        with self._pass_lock:
             ram = mig.query().ram or {}
             count = int(ram.get("dirty-sync-count", 0) or 0)
+            last = self._passes_sent.get(mig.id, 0)
             for n in range(last + 1, count + 1):
                 self.emit("MIGRATION_PASS", {"pass": n})
-            last = max(last, count)
+            self._passes_sent[mig.id] = max(last, count)
+
+    def _watch_passes(self, mig: Migration) -> None:
+        """Poll a running migration for new passes (the core has no per-sync hook)."""
+        while True:
+            done = mig.finished()
+            self._flush_passes(mig)
             if done:
+                with self._pass_lock:
+                    self._passes_sent.pop(mig.id, None)
                 return
             time.sleep(PASS_POLL_INTERVAL)
 
