@@ -21,7 +21,7 @@ LIBRARY = [ROOT / "savevm", *sorted((ROOT / "plugins").glob("*/savevm_*"))]
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
 def test_ruff_clean() -> None:
-    r = subprocess.run(["ruff", "check", "savevm", "plugins", "tests", "benchmarks"], cwd=ROOT,
+    r = subprocess.run(["ruff", "check", "savevm", "plugins", "tests", "benchmarks", "examples"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
