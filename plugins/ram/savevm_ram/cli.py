@@ -94,8 +94,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 mig.cancel()
             return mig.finished()
 
-        watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
+        interrupted = False
+        try:
+            watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
+        except KeyboardInterrupt:
+            interrupted = True
+            mig.cancel()
         st = mig.wait()
+        if interrupted:
+            from savevm.cli.progress import cancelled_line, report
+
+            prog.stop()
+            out = report("source", st.as_qmp())
+            out["status"] = "cancelled" if st.status in ("failed", "cancelled") else st.status
+            print(cancelled_line(out), file=sys.stderr, flush=True)
+            if args.json:
+                print(json.dumps(out), flush=True)
+            return 130
         source_sums = prog.checksums() if st.status == "completed" else {}
         prog.stop()
         out_text, _ = dest.communicate(timeout=120)
