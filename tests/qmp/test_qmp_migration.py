@@ -102,7 +102,12 @@ def test_qemu_qmp_migrates_a_running_program_to_completed(procs: Procs) -> None:
         await asyncio.wait_for(waiter, 60)
         out["events"] = seen
         out["query-migrate"] = await s.execute("query-migrate")
-        out["dest-query-migrate"] = await d.execute("query-migrate")
+        # the destination records `completed` just after it told the source it runs: a moment later
+        for _ in range(200):
+            out["dest-query-migrate"] = await d.execute("query-migrate")
+            if out["dest-query-migrate"]["status"] != "active":
+                break
+            await asyncio.sleep(0.05)
         out["status-after"] = (await s.execute("query-status"), await d.execute("query-status"))
         resumed: list[dict[str, Any]] = []
         await s.execute("cont")
