@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,10 @@ def check_xbzrle_cache_size(value: Any, page_size: int = PAGE_SIZE) -> int:
         below = (1 << (items.bit_length() - 1)) * page_size
         hint = f"nearest valid sizes: {below}, {below * 2}"
     raise ConfigError("xbzrle-cache-size", f"{rule}; got {size}; {hint}")
+
+
+def _names(names: Iterable[str]) -> frozenset[str]:
+    return frozenset(names)
 
 
 def _p(qemu: str, default: Any, kind: str, validator: Any = None) -> Any:
@@ -235,13 +239,23 @@ class MigrationConfig:
     #: URI scheme -> the transport scheme that carries it (``{"tcp": "rdma"}`` sends
     #: ``tcp:HOST:PORT`` URIs over the RDMA-style transport): swapping transports is config
     transports: Mapping[str, str] = attrs.field(factory=dict)
+    #: capabilities installed plugins add (a third-party page codec's switch, e.g. ``zstd``),
+    #: declared through the ``savevm_migration_capabilities`` hook; only these and QEMU's own
+    #: names are accepted, so a typo is an error rather than a capability that is silently off
+    plugin_capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
 
     # ---------------------------------------------------------------- access
     def has(self, capability: str) -> bool:
         """Is ``capability`` on?  Unknown names raise rather than read as off."""
-        if capability not in KNOWN_CAPABILITIES:
-            raise ConfigError(capability, _unknown("capability", capability, KNOWN_CAPABILITIES))
+        if capability not in KNOWN_CAPABILITIES and capability not in self.plugin_capabilities:
+            raise ConfigError(capability, self._unknown_capability(capability))
         return capability in self.capabilities
+
+    def _unknown_capability(self, name: str) -> str:
+        msg = _unknown("capability", name, (*KNOWN_CAPABILITIES, *sorted(self.plugin_capabilities)))
+        if self.plugin_capabilities:
+            return f"{msg} (installed plugins add: {', '.join(sorted(self.plugin_capabilities))})"
+        return msg
 
     def param(self, name: str) -> Any:
         """A parameter by QEMU name."""
@@ -273,8 +287,12 @@ class MigrationConfig:
 
     def set_capability(self, name: str, on: bool = True) -> MigrationConfig:
         """A copy with one capability switched."""
+        if name in self.plugin_capabilities:
+            caps = set(self.capabilities)
+            caps.add(name) if on else caps.discard(name)
+            return attrs.evolve(self, capabilities=frozenset(caps))
         if name not in KNOWN_CAPABILITIES:
-            raise ConfigError(name, _unknown("capability", name, KNOWN_CAPABILITIES))
+            raise ConfigError(name, self._unknown_capability(name))
         if on and name not in SUPPORTED_CAPABILITIES:
             raise ConfigError(
                 name,
@@ -287,14 +305,19 @@ class MigrationConfig:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MigrationConfig:
-        """Build from a mapping shaped like the TOML file (see README)."""
+    def from_dict(cls, data: Mapping[str, Any], *, plugin_capabilities: Iterable[str] = ()) -> MigrationConfig:
+        """Build from a mapping shaped like the TOML file (see README).
+
+        ``plugin_capabilities`` are the capability names installed plugins
+        declare (``PluginHost.plugin_capabilities()``); ``[capabilities]``
+        may switch those on as well as QEMU's.
+        """
         known = {"capabilities", "parameters", "machine", "plugins", "transports",
                  "send-configuration", "send-section-footer", "send-vmdesc"}
         for k in data:
             if k not in known:
                 raise ConfigError(k, f"unknown config key; expected one of {', '.join(sorted(known))}")
-        cfg = cls()
+        cfg = cls(plugin_capabilities=frozenset(plugin_capabilities))
         caps = data.get("capabilities", {})
         if isinstance(caps, (list, tuple)):
             caps = {c: True for c in caps}
@@ -326,7 +349,7 @@ class MigrationConfig:
         return attrs.evolve(cfg, **changes)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> MigrationConfig:
+    def from_toml(cls, path: str | Path, *, plugin_capabilities: Iterable[str] = ()) -> MigrationConfig:
         """Load a TOML config file; syntax errors name the file."""
         try:
             with open(path, "rb") as fh:
@@ -335,7 +358,7 @@ class MigrationConfig:
             raise ConfigError(str(path), f"cannot read config file: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, plugin_capabilities=plugin_capabilities)
 
     def as_dict(self) -> dict[str, Any]:
         """The config as the TOML-shaped mapping :meth:`from_dict` reads."""

@@ -60,6 +60,20 @@ def savevm_configure(config: MigrationConfig, options: Mapping[str, Any]) -> Non
     """
 
 
+@hookspec
+def savevm_migration_capabilities() -> list[str] | None:
+    """Name the migration capabilities a plugin adds (a third-party page codec's on/off switch).
+
+    Called once per :class:`~savevm.plugins.PluginHost`, on both sides, when
+    it is built.  The names become valid wherever QEMU's capabilities are:
+    ``--capability NAME``, ``[capabilities] NAME = true`` in TOML and QMP's
+    ``migrate-set-capabilities``; ``config.has(NAME)`` then says whether the
+    operator turned it on.  A name may not shadow one of QEMU's.
+
+    :return: capability names (lower-case, hyphenated, like QEMU's), or None.
+    """
+
+
 # ---------------------------------------------------------------------------
 # transports
 # ---------------------------------------------------------------------------

@@ -218,6 +218,17 @@ class MigrationBase(abc.ABC):
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(side=self.side, uri=self.uri or "channel", migration=self.id)
 
+    @property
+    def transport(self) -> str | None:
+        """The transport carrying this migration after ``[transports]`` routing (``tcp`` -> ``rdma``).
+
+        None when the migration was given a channel rather than a URI.
+        """
+        if not self.uri or ":" not in self.uri:
+            return None
+        scheme = self.uri.partition(":")[0]
+        return self.config.transports.get(scheme, scheme)
+
     def is_running(self) -> bool:
         """True while in setup, active, device or cancelling."""
         return self._state in RUNNING_STATES
@@ -403,6 +414,9 @@ class Migration(MigrationBase):
             st.ram = ram
         st.xbzrle_cache = sections.get("xbzrle-cache")
         st.compression = sections.get("compression")
+        for key, value in sections.items():  # a third-party codec's or section's own stats
+            if key not in ("ram", "xbzrle-cache", "compression"):
+                st.extra.setdefault(key, value)
         st.cpu_throttle_percentage = self.convergence.throttle_percentage
         if self.convergence.max_throttle_percentage:
             st.extra["cpu-throttle-percentage-max"] = self.convergence.max_throttle_percentage
@@ -410,6 +424,7 @@ class Migration(MigrationBase):
         if self._f is not None:
             st.stream_bytes = self._f.pos
         st.extra["runstate"] = self.runstate.value
+        st.extra["transport"] = self.transport
         if self.bound_fired is not None:
             st.extra["bound-fired"] = self.bound_fired
         if self.verified is not None:
@@ -423,7 +438,7 @@ class Migration(MigrationBase):
             known = set(MigrationStats().as_qmp()) | {"total-time", "expected-downtime", "downtime", "setup-time",
                                                      "ram", "xbzrle-cache", "compression",
                                                      "cpu-throttle-percentage", "error-desc", "iterations",
-                                                     "stream-bytes", "runstate", "bound-fired", "verify"}
+                                                     "stream-bytes", "runstate", "bound-fired", "verify", "transport"}
             st.extra.update({k: v for k, v in info.items() if k not in known})
         return st
 
@@ -816,6 +831,7 @@ class Incoming(MigrationBase):
         if self.error is not None:
             st.error_desc = str(self.error)
         st.extra["runstate"] = self.runstate.value
+        st.extra["transport"] = self.transport
         if self.bound_fired is not None:
             st.extra["bound-fired"] = self.bound_fired
         return st

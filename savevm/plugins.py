@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import pluggy
 
 from savevm import hookspecs
-from savevm.config import MigrationConfig
+from savevm.config import KNOWN_CAPABILITIES, QEMU_CAPABILITIES, MigrationConfig
 from savevm.errors import ConfigError, PluginError, URIError
 from savevm.logging import get_logger
 
@@ -71,7 +72,45 @@ class PluginHost:
             self.pm.trace.root.setwriter(lambda msg: log.debug("hook_trace", msg=msg.rstrip()))
             self.pm.enable_tracing()
         self._check_pending()
+        self._check_plugin_tables(blocked)
+        declared = self.plugin_capabilities()
+        if not declared <= self.config.plugin_capabilities:
+            self.config = attrs.evolve(self.config,
+                                       plugin_capabilities=self.config.plugin_capabilities | declared)
+        orphans = {c for c in self.config.capabilities if c not in KNOWN_CAPABILITIES and c not in declared}
+        if orphans:
+            first = sorted(orphans)[0]
+            raise ConfigError(first, f"capability {first!r} is turned on but no loaded plugin offers it "
+                                     f"(plugin capabilities here: {', '.join(sorted(declared)) or 'none'})")
         self.configure(self.config)
+
+    def plugin_capabilities(self) -> frozenset[str]:
+        """The capability names registered plugins add (``savevm_migration_capabilities``)."""
+        names: set[str] = set()
+        for part in self.pm.hook.savevm_migration_capabilities():
+            for n in part or ():
+                if not isinstance(n, str) or not n:
+                    raise PluginError(f"savevm_migration_capabilities returned {n!r}, not a capability name")
+                if n in KNOWN_CAPABILITIES:
+                    owner = "QEMU" if n in QEMU_CAPABILITIES else "savevm"
+                    raise PluginError(f"a plugin declares capability {n!r}, which is {owner}'s own")
+                names.add(n)
+        return frozenset(names)
+
+    def _check_plugin_tables(self, blocked: set[str]) -> None:
+        """Every ``[plugins.NAME]`` table must name a plugin: a typo would otherwise be ignored silently."""
+        tables = self.config.plugins.options
+        if not tables:
+            return
+        known: set[str] = set(blocked)
+        for name in [n for n, _ in self.pm.list_name_plugin()] + [
+                ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]:
+            known |= _plugin_aliases(name)
+        for table in tables:
+            if table not in known:
+                shown = sorted(n for n in known if "." not in n and not n.isdigit() and not n.startswith("qmp-"))
+                raise ConfigError(f"plugins.{table}", f"no plugin named {table!r} (known plugins: "
+                                                      f"{', '.join(shown)})")
 
     def _check_pending(self) -> None:
         try:
@@ -218,3 +257,13 @@ class PluginHost:
         reg = SectionRegistry(config=self.config, plugins=self)
         self.register_sections(reg)
         return reg
+
+
+def _plugin_aliases(name: str) -> set[str]:
+    """The names a ``[plugins.NAME]`` table may use for a plugin (as ``MigrationConfig.plugin_options`` finds it)."""
+    short = name.rsplit(".", 1)[-1]
+    out = {name, short, short.removeprefix("savevm_")}
+    for part in name.split("."):
+        if part.startswith("savevm_"):
+            out |= {part, part.removeprefix("savevm_")}
+    return out

@@ -21,7 +21,7 @@ LIBRARY = [ROOT / "savevm", *sorted((ROOT / "plugins").glob("*/savevm_*"))]
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
 def test_ruff_clean() -> None:
-    r = subprocess.run(["ruff", "check", "savevm", "plugins", "tests", "benchmarks"], cwd=ROOT,
+    r = subprocess.run(["ruff", "check", "savevm", "plugins", "tests", "benchmarks", "examples"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -120,7 +120,7 @@ def test_layering_rules() -> None:
     for pkg in DISTRIBUTIONS:
         for p in _package_files(pkg):
             rel = str(p.relative_to(ROOT))
-            is_cli = "cli" in p.parts or p.name == "cli.py"
+            is_cli = "cli" in p.parts or p.name in ("cli.py", "__main__.py")
             for mod, line, in_func in _imports(p):
                 full = f"{rel}:{line} imports {mod}"
                 if pkg == "savevm" and mod in PLUGIN_PACKAGES:

@@ -27,3 +27,12 @@ def test_snapshot_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     exec(compile(example, "README.md", "exec"), scope)  # our own README, not stream data
     assert (tmp_path / "state.qevm").exists()
     assert scope["reg"].find("counter", 0).device.value == 7  # type: ignore[attr-defined]
+
+
+def test_license_matches_pyproject() -> None:
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "MIT"}
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+    assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")

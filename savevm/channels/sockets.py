@@ -92,6 +92,12 @@ class SocketListener:
 
     def close(self) -> None:
         try:
+            try:
+                # wakes an accept() blocked in another thread (close alone does not, on Linux):
+                # cancelling a destination that still waits for its source must not hang
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.sock.close()
         finally:
             if self._cleanup_path:

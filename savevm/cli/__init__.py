@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -27,9 +28,18 @@ def _kv(text: str, what: str) -> tuple[str, str]:
     return k.strip(), v.strip()
 
 
+def installed_capabilities() -> frozenset[str]:
+    """Capability names the installed plugins add (a third-party codec's switch), so the CLI accepts them."""
+    from savevm.plugins import PluginHost
+
+    return PluginHost().plugin_capabilities()
+
+
 def build_config(args: argparse.Namespace) -> MigrationConfig:
     """Config file, then --capability, then --set (later wins)."""
-    cfg = MigrationConfig.from_toml(args.config) if getattr(args, "config", None) else MigrationConfig()
+    declared = installed_capabilities()
+    cfg = (MigrationConfig.from_toml(args.config, plugin_capabilities=declared) if getattr(args, "config", None)
+           else MigrationConfig(plugin_capabilities=declared))
     for cap in getattr(args, "capability", None) or []:
         cfg = cfg.set_capability(cap, True)
     for item in getattr(args, "set", None) or []:
@@ -43,16 +53,38 @@ def build_config(args: argparse.Namespace) -> MigrationConfig:
 
 
 def load_program(spec: str, guest_args: list[str]) -> Any:
-    """``module:callable`` + ``key=value`` args -> the program object."""
+    """``module:callable`` + ``key=value`` args -> the program object.
+
+    The module is imported with the current directory first on the path,
+    as ``python -m`` does, so ``--guest service:KVService`` finds
+    ``./service.py`` without installing it.
+    """
     mod, sep, attr = spec.partition(":")
-    if not sep:
+    if not sep or not mod or not attr:
         raise ConfigError("--guest", f"expected MODULE:CALLABLE, got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(mod), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError("--guest", f"cannot load {spec!r}: {exc}") from exc
+    if not callable(factory):
+        raise ConfigError("--guest", f"{spec!r} is not callable")
     kwargs = dict(_kv(a, "--guest-arg") for a in guest_args)
     kwargs = {k.replace("-", "_"): v for k, v in kwargs.items()}
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call say
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(**kwargs)
+        except TypeError as exc:
+            takes = [n for n, p in sig.parameters.items()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            raise ConfigError("--guest-arg", f"{spec} does not accept these arguments ({exc}); it takes: "
+                                             f"{', '.join(takes) or 'no arguments'}") from None
     return factory(**kwargs)
 
 
@@ -91,7 +123,10 @@ def _run(name: str) -> Any:
 
 def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     """The argument parser, with the commands installed plugins add (public so tests and docs can inspect it)."""
+    from savevm import __version__
+
     ap = _Parser(prog="savevm", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"savevm {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("migrate", help="migrate a program's state to URI")
@@ -102,8 +137,17 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     common_options(m)
     m.set_defaults(func=_run("cmd_migrate"))
 
+    r = sub.add_parser("run", help="run a program under a QMP monitor, ready to be live-migrated")
+    r.add_argument("--guest", required=True, help="MODULE:CALLABLE returning the program")
+    r.add_argument("--guest-arg", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+                   help="where the QMP monitor listens (migrate, query-migrate, cont, quit, ...)")
+    migration_options(r)
+    common_options(r)
+    r.set_defaults(func=_run("cmd_run"))
+
     i = sub.add_parser("incoming", help="wait for one migration on URI and load it")
-    i.add_argument("uri")
+    i.add_argument("uri", help="the URI to listen on, or 'defer' to wait for QMP migrate-incoming (needs --qmp)")
     i.add_argument("--guest", required=True, help="MODULE:CALLABLE returning the program")
     i.add_argument("--guest-arg", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--print-uri", action="store_true", help="print the listening URI as the first stdout line")
@@ -116,6 +160,9 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     i.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for a source to connect (default: no limit); once connected, silence is "
                         "bounded by the x-stall-timeout parameter (--set x-stall-timeout=MS, default 30000)")
+    i.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT", help="serve a QMP monitor while loading")
+    i.add_argument("--run", action="store_true",
+                   help="keep the program running after the load (and the QMP monitor up) until QMP quit")
     migration_options(i)
     common_options(i)
     i.set_defaults(func=_run("cmd_incoming"))
@@ -175,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"savevm: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    configure_logging(args.log_format, args.log_level)
     try:
+        configure_logging(args.log_format, args.log_level)
         rc: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
         return rc
@@ -186,12 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + 13
     except MigrationError as exc:
         if getattr(args, "json", False):
-            print(json.dumps({"status": "failed", "error-desc": str(exc)}))
+            from savevm.cli.progress import report
+
+            print(json.dumps(report(getattr(args, "command", "source"), {"status": "failed",
+                                                                         "error-desc": str(exc)})))
         print(f"savevm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("savevm: interrupted", file=sys.stderr)
+        # interrupted before any migration started (the commands report a cancelled migration themselves)
+        print("savevm: interrupted: status cancelled (no migration had started)", file=sys.stderr)
         return 130
+    except OSError as exc:  # a missing or unreadable file named on the command line
+        print(f"savevm: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _detach_stdout() -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from savevm.cli import build_config, load_program
-from savevm.cli.progress import human, print_table, watch, watch_incoming
+from savevm.cli.progress import cancelled_line, human, print_table, report, watch, watch_incoming
 from savevm.errors import ConfigError, MigrationError
 from savevm.migration import Incoming, Migration, MigrationState
 from savevm.plugins import PluginHost
@@ -18,44 +19,73 @@ def _registry(cfg: Any) -> Any:
     return PluginHost(cfg).new_registry()
 
 
+def _wait(mig: Any) -> Any:
+    """Wait for a migration to end; a Ctrl-C meanwhile cancels it and still waits for the ending."""
+    try:
+        return mig.wait()
+    except KeyboardInterrupt:
+        mig.cancel()
+        return mig.wait()
+
+
+def _finish(side: str, args: argparse.Namespace, stats: dict[str, Any], guest: dict[str, Any] | None,
+            title: str, st: Any, *, interrupted: bool) -> int:
+    """Print the final report (JSON or table, plus the Ctrl-C line) and choose the exit code."""
+    out = report(side, stats, guest)
+    if interrupted:
+        out["status"] = "cancelled" if out["status"] in ("failed", "cancelled", "cancelling") else out["status"]
+        print(cancelled_line(out), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(out), flush=True)
+    elif st is not None and not interrupted:
+        print_table(st, title)
+    if interrupted:
+        return 130
+    return 0 if out["status"] == "completed" else 1
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``savevm migrate URI --guest MOD:CALLABLE``."""
     cfg = build_config(args)
     reg = _registry(cfg)
     prog = load_program(args.guest, args.guest_arg)
     prog.register(reg)
-    if hasattr(prog, "start"):
-        prog.start()
     mig = Migration(reg, args.uri, guest=prog, config=cfg)
-    mig.start()
-    total = sum(getattr(getattr(e.handlers, "ram", None), "total_bytes", 0) for e in reg.live())
+    interrupted = False
     try:
-        watch(mig.query, mig.finished, total=total, quiet=args.json)
-    except KeyboardInterrupt:
-        mig.cancel()
-    st = mig.wait()
-    if hasattr(prog, "stop"):
-        prog.stop()
-    out = st.as_qmp()
-    if hasattr(prog, "report") and st.status == "completed":
-        out["guest"] = prog.report()
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print_table(st, "savevm migrate")
-    return 0 if st.status == "completed" else 1
+        if hasattr(prog, "start"):
+            prog.start()
+        mig.start()
+        total = sum(getattr(getattr(e.handlers, "ram", None), "total_bytes", 0) for e in reg.live())
+        try:
+            watch(mig.query, mig.finished, total=total, quiet=args.json)
+        except KeyboardInterrupt:
+            interrupted = True
+            mig.cancel()
+        st = _wait(mig)
+    finally:
+        if hasattr(prog, "stop"):
+            prog.stop()
+    guest = prog.report() if hasattr(prog, "report") and st.status == "completed" else None
+    return _finish("source", args, st.as_qmp(), guest, "savevm migrate", st, interrupted=interrupted)
 
 
 def cmd_incoming(args: argparse.Namespace) -> int:
-    """``savevm incoming URI --guest MOD:CALLABLE``."""
+    """``savevm incoming URI --guest MOD:CALLABLE [--qmp ADDR [--run]]``."""
     cfg = build_config(args)
-    reg = _registry(cfg)
+    if args.uri == "defer" and not args.qmp:
+        raise ConfigError("incoming", "'defer' waits for the QMP command migrate-incoming: give --qmp unix:PATH")
+    if args.run and not args.qmp:
+        raise ConfigError("--run", "keeping the program running needs a QMP monitor to stop it: give --qmp")
+    vmdesc = _read_vmdesc_arg(args.vmdesc) if args.vmdesc else None
     prog = load_program(args.guest, args.guest_arg)
+    if args.qmp:
+        return _incoming_with_monitor(args, cfg, prog, vmdesc)
+    reg = _registry(cfg)
     prog.register(reg)
     inc = Incoming(reg, args.uri, guest=prog, config=cfg)
     inc.accept_timeout = args.timeout
-    if args.vmdesc:
-        inc.vmdesc = _read_vmdesc_arg(args.vmdesc)
+    inc.vmdesc = vmdesc
     inc.skip_unknown_devices = bool(args.skip_unknown_devices or getattr(prog, "skip_unknown_devices", False))
     uri = inc.listen()
     if args.print_uri:
@@ -63,16 +93,105 @@ def cmd_incoming(args: argparse.Namespace) -> int:
     elif not args.json:
         print(f"savevm: waiting for a migration on {uri}", file=sys.stderr, flush=True)
     inc.start()
-    watch_incoming(inc.query, inc.finished, quiet=args.json)
-    st = inc.wait()
-    out = st.as_qmp()
-    if hasattr(prog, "report") and st.status == "completed":
-        out["guest"] = prog.report()
-    if args.json:
-        print(json.dumps(out), flush=True)
-    else:
-        print_table(st, "savevm incoming")
-    return 0 if st.status == "completed" else 1
+    interrupted = False
+    try:
+        watch_incoming(inc.query, inc.finished, quiet=args.json)
+    except KeyboardInterrupt:
+        interrupted = True
+        inc.cancel()
+    st = _wait(inc)
+    guest = prog.report() if hasattr(prog, "report") and st.status == "completed" else None
+    return _finish("destination", args, st.as_qmp(), guest, "savevm incoming", st, interrupted=interrupted)
+
+
+def _incoming_with_monitor(args: argparse.Namespace, cfg: Any, prog: Any, vmdesc: dict[str, Any] | None) -> int:
+    """The destination under a QMP monitor: load (now or at migrate-incoming), then exit or keep running."""
+    from savevm.qmp import serve
+
+    server = serve(prog, args.qmp, config=cfg, incoming="defer")
+    mon = server.monitor
+    interrupted = False
+    try:
+        if args.run and hasattr(prog, "start"):
+            prog.start()  # paused: it must not touch migrated state before the load resumes it
+        if args.uri != "defer":
+            started = mon.start_incoming(args.uri, accept_timeout=args.timeout, vmdesc=vmdesc)
+            if args.print_uri:
+                print(started.uri, flush=True)
+        elif args.print_uri:
+            print("defer", flush=True)
+        if not args.json:
+            where = ("QMP migrate-incoming" if args.uri == "defer"
+                     else f"a migration on {mon.incoming.uri if mon.incoming else args.uri}")
+            print(f"savevm: waiting for {where}; QMP monitor on {server.address}", file=sys.stderr, flush=True)
+        try:
+            while not mon.quit_requested.is_set():
+                if mon.incoming is not None and mon.incoming.finished():
+                    break
+                time.sleep(0.05)
+            loaded = mon.incoming
+            if loaded is not None and loaded.finished() and loaded.state.value == "completed" and args.run:
+                if not args.json:
+                    print(f"savevm: loaded; {args.guest} runs here. QMP 'quit' ends it", file=sys.stderr,
+                          flush=True)
+                while not server.wait_quit(0.2):
+                    pass
+        except KeyboardInterrupt:
+            interrupted = True
+            if mon.incoming is not None and not mon.incoming.finished():
+                mon.incoming.cancel()
+                mon.incoming.wait(10)
+    finally:
+        if hasattr(prog, "stop") and args.run:
+            prog.stop()
+        server.close()
+    st = mon.incoming.query() if mon.incoming is not None else None
+    stats = st.as_qmp() if st is not None else {"status": "none", "runstate": mon.runstate}
+    guest = prog.report() if hasattr(prog, "report") and stats["status"] == "completed" else None
+    return _finish("destination", args, stats, guest, "savevm incoming", st, interrupted=interrupted)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``savevm run --guest MOD:CALLABLE --qmp ADDR``: a running program that QMP can migrate, stop, resume."""
+    from savevm.qmp import serve
+
+    cfg = build_config(args)
+    prog = load_program(args.guest, args.guest_arg)
+    server = serve(prog, args.qmp, config=cfg)
+    mon = server.monitor
+    interrupted = False
+    announced: set[int] = set()
+    try:
+        if hasattr(prog, "start"):
+            prog.start()
+        if not args.json:
+            print(f"savevm: {args.guest} is running; QMP monitor on {server.address}", file=sys.stderr, flush=True)
+        try:
+            while not server.wait_quit(0.1):
+                m = mon.migration
+                if m is not None and m.finished() and id(m) not in announced and not args.json:
+                    announced.add(id(m))
+                    st = m.query()
+                    print(f"savevm: migration to {m.uri} {st.status}" +
+                          (f" (downtime {st.downtime} ms; the program stays paused: QMP 'cont' resumes it)"
+                           if st.status == "completed" else f": {st.error_desc}"), file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            interrupted = True
+            m = mon.migration
+            if m is not None and m.is_running():
+                m.cancel()
+                _wait(m)
+    finally:
+        if hasattr(prog, "stop"):
+            prog.stop()
+        server.close()
+    final = mon.migration.query() if mon.migration is not None else None
+    stats = final.as_qmp() if final is not None else {"status": "none", "runstate": mon.runstate}
+    if not interrupted and not args.json and final is None:
+        print(f"savevm: quit ({mon.runstate}, no migration)", file=sys.stderr)
+        return 0
+    rc = _finish("source", args, stats, None, "savevm run", final, interrupted=interrupted)
+    return rc if interrupted or final is None else 0
 
 
 def _read_vmdesc_arg(path: str) -> dict[str, Any]:
@@ -215,4 +334,4 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_incoming", "cmd_migrate", "cmd_rewrite"]
+__all__ = ["MigrationState", "cmd_analyze", "cmd_bench", "cmd_incoming", "cmd_migrate", "cmd_rewrite", "cmd_run"]

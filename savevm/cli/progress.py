@@ -135,3 +135,29 @@ def print_table(st: MigrationStats, title: str = "migration", extra: dict[str, A
         print(f"== {title} ==")
         for k, v in rows:
             print(f"{k:<{w}}  {v}")
+
+
+#: The keys every ``--json`` object has, source and destination alike, in this order (null when
+#: a key means nothing on that side, e.g. ``downtime`` on the destination); whatever else the
+#: stats hold (``xbzrle-cache``, a codec's key, ``iterations``, ...) follows.
+REPORT_KEYS = ("side", "status", "runstate", "transport", "total-time", "setup-time", "downtime",
+               "stream-bytes", "ram", "error-desc")
+
+
+def report(side: str, stats: dict[str, Any], guest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One ``--json`` object, the same shape on both sides: :data:`REPORT_KEYS` first, always present."""
+    side = {"migrate": "source", "run": "source", "incoming": "destination"}.get(side, side)
+    out: dict[str, Any] = {k: stats.get(k) for k in REPORT_KEYS}
+    out["side"] = side
+    out.update({k: v for k, v in stats.items() if k not in out})
+    if guest is not None:
+        out["guest"] = guest
+    return out
+
+
+def cancelled_line(stats: dict[str, Any]) -> str:
+    """The one line Ctrl-C leaves on stderr: what was cancelled and how far it had got."""
+    ram = stats.get("ram") or {}
+    sent = ram.get("transferred", stats.get("stream-bytes"))
+    return (f"savevm: interrupted: status {stats.get('status')}, total-time {stats.get('total-time') or 0} ms, "
+            f"{human(sent or 0)} sent/received, runstate {stats.get('runstate', '-')}")

@@ -224,3 +224,77 @@ def test_qemu_guest_dump_dir_keeps_names_inside(tmp_path: Path) -> None:
     g.ram.create("/rom@etc/ok", 4096).write(0, b"ok")
     g.resume()
     assert (tmp_path / "out" / "rom@etc" / "ok").read_bytes() == b"ok" + bytes(4094)
+
+
+def test_version_and_python_dash_m() -> None:
+    from savevm import __version__
+
+    for cmd in ([sys.executable, "-m", "savevm", "--version"], [sys.executable, "-m", "savevm.cli", "--version"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == f"savevm {__version__}"
+
+
+def test_guest_is_imported_from_the_current_directory(tmp_path: Path) -> None:
+    (tmp_path / "myprog.py").write_text(
+        "import numpy as np, savevm_ram\n"
+        "class Prog:\n"
+        "    def __init__(self, pages='4'):\n"
+        "        self.mem = np.full(int(pages) * 4096, 7, dtype=np.uint8)\n"
+        "    def register(self, reg):\n"
+        "        savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock('m', self.mem)]))\n"
+        "    def pause(self): pass\n"
+        "    def resume(self): pass\n"
+        "    def set_throttle(self, p): pass\n")
+    out = tmp_path / "state.mig"
+    r = subprocess.run([sys.executable, "-m", "savevm", "migrate", f"file:{out}", "--guest", "myprog:Prog",
+                        "--guest-arg", "pages=8", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] == "completed" and out.exists()
+    r = subprocess.run([sys.executable, "-m", "savevm", "migrate", f"file:{out}", "--guest", "myprog:Prog",
+                        "--guest-arg", "page=8"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--guest-arg: myprog:Prog does not accept these arguments" in r.stderr and "it takes: pages" in r.stderr
+
+
+def test_user_errors_never_show_a_traceback(tmp_path: Path) -> None:
+    cases = [
+        (("analyze", str(tmp_path / "missing.mig")), "missing.mig"),
+        (("migrate", "file:/tmp/x", "--guest", "savevm_ram.demo:DemoProgram", "--config",
+          str(tmp_path / "none.toml")), "cannot read config file"),
+        (("incoming", "defer", "--guest", "savevm_ram.demo:DemoProgram"), "give --qmp"),
+        (("run", "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", "size=1M", "--qmp", "tcp:localhost"),
+         "tcp:HOST:PORT"),
+    ]
+    for args, expected in cases:
+        r = subprocess.run([sys.executable, "-m", "savevm", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert expected in r.stderr, (args, r.stderr)
+
+
+def test_demo_without_a_port_gives_one_clear_error() -> None:
+    r = subprocess.run([sys.executable, "-m", "savevm", "demo", "--uri", "tcp:localhost", "--size", "1M"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["savevm: error: 'tcp:localhost': expected tcp:HOST:PORT (HOST may be "
+                                             "empty: all interfaces) with a port 0-65535"]
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "s.mig"
+    _snapshot(path)
+    p = subprocess.Popen([sys.executable, "-m", "savevm", "analyze", str(path), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    p.stdout.close()  # the reader is gone before the command writes (`savevm analyze ... | head -0`)
+    err = p.stderr.read() if p.stderr is not None else ""
+    p.wait(60)
+    assert p.returncode == 141 and "Traceback" not in err, err
+
+
+def test_failure_json_has_the_report_shape() -> None:
+    from savevm.cli.progress import REPORT_KEYS
+
+    r = subprocess.run([sys.executable, "-m", "savevm", "migrate", "bogus:x", "--guest", "savevm_ram.demo:DemoProgram",
+                        "--guest-arg", "size=1M", "--json"], capture_output=True, text=True, timeout=60)
+    rep = json.loads(r.stdout)
+    assert tuple(rep)[: len(REPORT_KEYS)] == REPORT_KEYS and rep["side"] == "source" and rep["status"] == "failed"

@@ -14,7 +14,7 @@ import pytest
 from savevm import hookimpl, hookspec
 from savevm.channels import listen, memory_pipe, open_channel
 from savevm.config import MigrationConfig, PluginSettings
-from savevm.errors import PluginError, URIError
+from savevm.errors import ConfigError, PluginError, URIError
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
 from savevm.registry import SectionRegistry
@@ -190,7 +190,7 @@ def test_hook_savevm_configure(install_dist) -> None:  # noqa: ANN001
     host.register(obj, name="myplug")
     assert obj.calls == [(cfg2, {})]
     extra = Configurable()
-    PluginHost(fresh_config(options={"x": {"a": 1}}), load_entrypoints=False, extra=[extra])
+    PluginHost(fresh_config(options={"xbzrle": {"a": 1}}), load_entrypoints=False, extra=[extra])
     assert len(extra.calls) == 1
 
 
@@ -301,6 +301,52 @@ def test_hook_savevm_query_migrate() -> None:
     info: dict[str, Any] = {"status": "active"}
     host.query_migrate(object(), info)
     assert info == {"status": "active", "myplug": {"pages": 3, "status_seen": "active"}}
+
+
+class DeclaresCapability:
+    def __init__(self, *names: str) -> None:
+        self.names = list(names)
+
+    @hookimpl
+    def savevm_migration_capabilities(self) -> list[str]:
+        return self.names
+
+
+def test_hook_savevm_migration_capabilities() -> None:
+    host = PluginHost(load_entrypoints=False, extra=[DeclaresCapability("toy-codec")])
+    assert host.plugin_capabilities() == {"toy-codec"}
+    # the host's config accepts it now; QEMU's names keep their rules; a typo is still an error
+    cfg = host.config.set_capability("toy-codec")
+    assert cfg.has("toy-codec") and not cfg.has("xbzrle")
+    with pytest.raises(ConfigError, match="did you mean toy-codec"):
+        host.config.set_capability("toy-codek")
+    with pytest.raises(ConfigError, match="installed plugins add: toy-codec"):
+        host.config.set_capability("zstd")
+    # turned on, but no loaded plugin offers it (e.g. the plugin was disabled)
+    with pytest.raises(ConfigError, match="no loaded plugin offers it"):
+        PluginHost(cfg, load_entrypoints=False)
+    PluginHost(cfg, load_entrypoints=False, extra=[DeclaresCapability("toy-codec")])
+    # a plugin may not redefine one of QEMU's capabilities
+    with pytest.raises(PluginError, match="QEMU's own"):
+        PluginHost(load_entrypoints=False, extra=[DeclaresCapability("xbzrle")])
+    # TOML and the CLI accept declared names
+    from_toml = MigrationConfig.from_dict({"capabilities": {"toy-codec": True}}, plugin_capabilities={"toy-codec"})
+    assert from_toml.has("toy-codec")
+    with pytest.raises(ConfigError, match="toy-codec"):
+        MigrationConfig.from_dict({"capabilities": {"toy-codec": True}})
+
+
+def test_unknown_plugin_table_is_an_error_naming_the_known_plugins() -> None:
+    cfg = MigrationConfig.from_dict({"plugins": {"xbzlre": {"level": 1}}})
+    with pytest.raises(ConfigError) as err:
+        PluginHost(cfg)
+    msg = str(err.value)
+    assert "plugins.xbzlre" in msg and "no plugin named 'xbzlre'" in msg
+    assert "xbzrle" in msg and "ram" in msg and "rdma_stub" in msg
+    # every alias of a real plugin is accepted, and so is a table for a disabled plugin
+    for name in ("xbzrle", "ram", "rdma_stub"):
+        PluginHost(MigrationConfig.from_dict({"plugins": {name: {}}}))
+    PluginHost(MigrationConfig.from_dict({"plugins": {"disable": ["xbzrle"], "xbzrle": {}}}))
 
 
 # a plugin with hooks of its own, as the RAM plugin has

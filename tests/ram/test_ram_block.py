@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,23 @@ def test_dirty_bitmap_sync(provider: str) -> None:
         a.host[2 * P] = 1  # same value again: not a change
         assert bm.sync() == 0
     bm.stop()
+
+
+@pytest.mark.parametrize("used_every", [2, 3, 7])
+def test_sparse_memory_round_trips_through_the_fast_loader(tmp_path: Path, used_every: int) -> None:
+    """Short runs of ZERO and PAGE records, alternating (a hash table's memory), load byte-exact."""
+    import savevm_ram
+
+    src = np.frombuffer(np.random.default_rng(used_every).bytes(3000 * 4096), dtype=np.uint8).copy()
+    pages = src.reshape(-1, 4096)
+    pages[np.arange(len(pages)) % used_every != 0] = 0
+    reg = savevm.SectionRegistry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("m", src)]))
+    savevm.snapshot(tmp_path / "s.mig", reg)
+    dst = np.full_like(src, 0x5A)
+    reg2 = savevm.SectionRegistry()
+    handlers = savevm_ram.register_ram(reg2, savevm_ram.RAMList([savevm_ram.RAMBlock("m", dst)]))
+    savevm.restore(tmp_path / "s.mig", reg2)
+    assert np.array_equal(src, dst)
+    used = len(range(0, 3000, used_every))
+    assert handlers.counters.normal == used and handlers.counters.duplicate == 3000 - used

@@ -119,3 +119,52 @@ def test_auto_create_blocks_and_its_bound() -> None:
     savevm_ram.register_ram(reg3, small)
     with pytest.raises(savevm.CorruptStreamError, match="max_auto_bytes"):
         StreamLoader(QEMUFile(MemoryChannel(ch.getvalue())), reg3).load()
+
+
+class StatsFillCodec(FillCodec):
+    """FillCodec switched on by a capability of its own (the default ``enabled``), with stats."""
+
+    name = "fill"
+    capability = "fill"
+
+    def enabled(self, config: savevm.MigrationConfig) -> bool:
+        return PageCodec.enabled(self, config)
+
+    def query_stats(self) -> dict[str, Any]:
+        return {"fill": {"pages": self.encoded}}
+
+
+class StatsFillPlugin:
+    @savevm.hookimpl
+    def savevm_migration_capabilities(self) -> list[str]:
+        return ["fill"]
+
+    @savevm.hookimpl
+    def ram_page_codecs(self, config: savevm.MigrationConfig) -> list[PageCodec]:
+        return [StatsFillCodec()]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_plugin_codec_enabled_by_its_capability_and_counted_in_query_migrate(on: bool) -> None:
+    from savevm.migration import Incoming, Migration
+
+    src_mem, dst_mem = _memory(3), np.zeros(64 * 4096, dtype=np.uint8)
+    hosts = [savevm.PluginHost(extra=[StatsFillPlugin()]) for _ in range(2)]
+    cfg = hosts[0].config.set_capability("fill", on)
+    src, dst = hosts[0].new_registry(), hosts[1].new_registry()
+    savevm_ram.register_ram(src, savevm_ram.RAMList([savevm_ram.RAMBlock("m", src_mem)]))
+    savevm_ram.register_ram(dst, savevm_ram.RAMList([savevm_ram.RAMBlock("m", dst_mem)]))
+    inc = Incoming(dst, "tcp:127.0.0.1:0")
+    uri = inc.listen()
+    inc.start()
+    mig = Migration(src, uri, config=cfg)
+    st = mig.run().as_qmp()
+    assert inc.wait(30).status == "completed"
+    assert np.array_equal(src_mem, dst_mem)
+    assert st["transport"] == "tcp"
+    if on:
+        assert st["fill"] == {"pages": 22}  # the codec's own key reaches query-migrate
+        assert st["ram"]["encoded-pages"] == 22
+        assert 22 * 9 <= st["ram"]["encoded-bytes"] < 22 * 40  # header (+ block name once) + 2-byte body
+    else:
+        assert "fill" not in st and st["ram"]["encoded-pages"] == 0

@@ -49,9 +49,15 @@ def _registry(cfg: Any) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``savevm demo``: a destination process, this process as the source, and a check."""
     cfg = build_config(args)
-    scheme = args.uri.partition(":")[0]
+    scheme, _, address = args.uri.partition(":")
     if scheme not in ("tcp", "unix"):
         raise ConfigError("--uri", "the demo runs both ends at once: use tcp:HOST:PORT or unix:PATH")
+    if scheme == "tcp":
+        from savevm.channels.sockets import parse_host_port
+
+        parse_host_port(address)  # one clear error here, not one from each process
+    elif not address:
+        raise ConfigError("--uri", "expected unix:PATH")
     dest_cmd = [sys.executable, "-m", "savevm.cli", "incoming", args.uri, "--print-uri", "--json",
                 "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", f"size={args.size}",
                 "--guest-arg", f"blocks={args.blocks}", "--guest-arg", "role=destination",
@@ -66,9 +72,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         assert dest.stdout is not None
         uri = dest.stdout.readline().strip()
-        if not uri:
+        if not uri or uri.startswith("{"):
             dest.wait(30)
-            raise MigrationError(f"the destination process exited ({dest.returncode}) before listening")
+            why = json.loads(uri).get("error-desc") if uri.startswith("{") else None
+            raise MigrationError(f"the destination process could not listen: {why}" if why else
+                                 f"the destination process exited ({dest.returncode}) before listening")
         reg = _registry(cfg)
         prog.register(reg)
         prog.start()
@@ -86,8 +94,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 mig.cancel()
             return mig.finished()
 
-        watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
+        interrupted = False
+        try:
+            watch(mig.query, done, total=prog.ram.total_bytes, quiet=args.json)
+        except KeyboardInterrupt:
+            interrupted = True
+            mig.cancel()
         st = mig.wait()
+        if interrupted:
+            from savevm.cli.progress import cancelled_line, report
+
+            prog.stop()
+            out = report("source", st.as_qmp())
+            out["status"] = "cancelled" if st.status in ("failed", "cancelled") else st.status
+            print(cancelled_line(out), file=sys.stderr, flush=True)
+            if args.json:
+                print(json.dumps(out), flush=True)
+            return 130
         source_sums = prog.checksums() if st.status == "completed" else {}
         prog.stop()
         out_text, _ = dest.communicate(timeout=120)

@@ -63,11 +63,14 @@ class PageCodec:
     wire_flag: int = 0
     #: lower runs first
     priority: int = 100
+    #: the migration capability that turns this codec on at the source (a third-party codec's
+    #: plugin declares it through the core hook ``savevm_migration_capabilities``); None: never
+    capability: str | None = None
 
     # ------------------------------------------------------------ source
     def enabled(self, config: MigrationConfig) -> bool:
-        """Should the source use this codec at all (usually: a capability)?"""
-        return False
+        """Should the source use this codec at all?  By default: is its :attr:`capability` on."""
+        return self.capability is not None and self.capability in config.capabilities
 
     def save_setup(self, rs: RAMState) -> None:
         """Migration start (source)."""
@@ -94,7 +97,11 @@ class PageCodec:
         """Migration end (source)."""
 
     def query_stats(self) -> dict[str, Any]:
-        """Extra query-migrate keys (e.g. ``xbzrle-cache``)."""
+        """Extra top-level query-migrate keys (e.g. ``xbzrle-cache``); every key reaches ``query-migrate``.
+
+        Use one key named after the codec holding a dict, as QEMU's
+        ``xbzrle-cache`` and ``compression`` do.
+        """
         return {}
 
     def on_sync(self, rs: RAMState) -> None:

@@ -294,6 +294,9 @@ class PagePipeline:
                 self.last_sent_block = b
             parts.append(head)
             parts.append(body)
-            nbytes += len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+            size = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+            nbytes += size
+            if flag not in (_F_ZERO, _F_PAGE):
+                cnt.encoded_bytes += size
         if parts:
             f.put_iovecs(parts, nbytes)

@@ -19,6 +19,8 @@ class RAMCounters:
     normal: int = 0
     #: pages sent through a codec (XBZRLE, compressed, third-party)
     encoded: int = 0
+    #: bytes of those pages' records (header + encoded body): what the codecs cost on the wire
+    encoded_bytes: int = 0
     #: pages a transport took out of band (ram_control_save_page)
     control: int = 0
     dirty_sync_count: int = 0
@@ -51,4 +53,9 @@ class RAMCounters:
             "downtime-bytes": self.downtime_bytes,
             "postcopy-bytes": 0,
             "dirty-sync-missed-zero-copy": 0,
+            # savevm's own keys: pages a codec encoded (and their bytes), pages a transport carried
+            # outside the stream (the rdma_stub transport's "remote writes")
+            "encoded-pages": self.encoded,
+            "encoded-bytes": self.encoded_bytes,
+            "transport-pages": self.control,
         }
