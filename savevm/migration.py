@@ -887,10 +887,11 @@ class Incoming(MigrationBase):
             self._await_go(f, sock, nonce)
         self.guest.resume()
         self.runstate = RunState.RUNNING
+        # completed here before the source hears RESUMED, so no one sees the source done and us not
+        self._set_state(MigrationState.COMPLETED)
         if rp is not None:
             rp.send(RPMessage.RESUMED)
             rp.shut(0)
-        self._set_state(MigrationState.COMPLETED)
         self.log.info("migration_incoming_completed", bytes=f.pos)
 
     def _accept(self, listener: Listener) -> Channel:
