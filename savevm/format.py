@@ -1,4 +1,4 @@
-"""Wire constants of the QEMU 7.2 migration stream (qemu-format.md section 1).
+"""Wire constants of the QEMU 7.2 migration stream (docs/wire-format.md).
 
 Kept in one module so that the reader and the writer cannot disagree.
 """
@@ -39,7 +39,7 @@ class SectionType(enum.IntEnum):
 
 
 class Command(enum.IntEnum):
-    """QEMU_VM_COMMAND numbers (qemu-format.md 1.7)."""
+    """QEMU_VM_COMMAND numbers (docs/wire-format.md, Commands)."""
 
     INVALID = 0
     OPEN_RETURN_PATH = 1
@@ -73,5 +73,5 @@ COMMAND_ARG_LEN: dict[Command, int] = {
     Command.SAVEVM_OPTIONS: -1,
 }
 
-#: Configuration subsection names (qemu-format.md 1.3).
+#: Configuration subsection names (docs/wire-format.md, Header and configuration).
 CONFIG_VMSD_NAME = "configuration"

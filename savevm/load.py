@@ -159,7 +159,7 @@ class StreamLoader:
         if name != self.config.machine and not self.any_machine:
             raise ConfigurationMismatchError(
                 f"machine type mismatch: stream is for {name!r}, this side is {self.config.machine!r}", off)
-        # subsections of the configuration record (qemu-format.md 1.3)
+        # subsections of the configuration record (docs/wire-format.md, Header and configuration)
         while f.peek_byte() == SectionType.SUBSECTION:
             if f.fill(2) < 2:
                 break

@@ -336,7 +336,10 @@ class _DeviceDecoder:
         return out
 
     def subsection(self, sd: Any, where: str, depth: int) -> dict[str, Any]:
-        """``0x05, counted name, be32 version``, then the subsection's own fields (qemu-format.md 1.6)."""
+        """``0x05, counted name, be32 version``, then the subsection's own fields.
+
+        (docs/wire-format.md, Device state.)
+        """
         if not isinstance(sd, dict):
             self.fail(f"vmdesc: a subsection of {where} is not an object")
         want = sd.get("vmsd_name")
@@ -440,7 +443,7 @@ def decode_device(f: QEMUFile, device: dict[str, Any], budget: DecodeBudget | No
     ``device`` is an entry of the stream's vmdesc ``devices``; ``f`` stands
     at the section's first data byte and is left after the last one (the
     footer is the caller's).  The device state carries no types or lengths of
-    its own (qemu-format.md 1.8), so the vmdesc is the only key to it: ints
+    its own (docs/wire-format.md, Device state), so the vmdesc is the only key to it: ints
     are decoded signed or unsigned by the type table, big-endian; bools,
     doubles, structs (recursively, each checked against its described size),
     arrays (``array_len``: one value list; ``index``: one entry per element)

@@ -15,7 +15,7 @@ field list into a :class:`VMStateDescription`::
         fifo: bytes = vmstate.field(vmstate.vbuffer("fifo_len", max_len=255), default=b"",
                                     subsection="serial/fifo")
 
-On the wire a field is its value's bytes only (qemu-format.md 1.8), and a
+On the wire a field is its value's bytes only (docs/wire-format.md, Device state), and a
 subsection is ``0x05, counted name, be32 version, fields``.  Loading never
 touches the device: :func:`load_state` returns a new object built with
 ``attrs.evolve``, and the caller commits it when the whole stream is known

@@ -50,7 +50,7 @@ _RAM_VERSION = 4
 _RAM_PLUGIN_NEEDED = "the RAM plugin (savevm-ram) is needed to analyze RAM sections: pip install -e plugins/ram"
 #: RAM record kinds the report counts, in the order it lists them.
 RECORD_KINDS = ("zero", "normal", "xbzrle", "compressed", "savevm-codec")
-#: RAM_SAVE_FLAG_XBZRLE / COMPRESS_PAGE (qemu-format.md 3.1): which kind a codec's pages are.
+#: RAM_SAVE_FLAG_XBZRLE / COMPRESS_PAGE (docs/wire-format.md, RAM section): which kind a codec's pages are.
 _CODEC_KINDS = {0x40: "xbzrle", 0x100: "compressed"}
 #: A zero record is header + fill byte, a normal one header + page (block names counted apart).
 _ZERO_RECORD = 8 + 1

@@ -167,7 +167,7 @@ class ChunkedLive(SaveVMHandlers):
 
 
 # ---------------------------------------------------------------------------
-# hand-built stream pieces (qemu-format.md 1.2-1.5)
+# hand-built stream pieces (docs/wire-format.md, Header and configuration to End of stream)
 # ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""QEMUFile rate limiting: a byte budget per 100 ms window (qemu-format.md 6.2)."""
+"""QEMUFile rate limiting: a byte budget per 100 ms window (docs/qemu-compatibility.md, Convergence)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Every way a RAM stream can be wrong: the right error class, at the right offset,
-and nothing written outside the record's block (qemu-format.md 3.1-3.4)."""
+and nothing written outside the record's block (docs/wire-format.md, RAM section)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The page search, bulk stage, counters, pending/sync and rate limiting (qemu-format.md 3.6, 6.2-6.5)."""
+"""The page search, bulk stage, counters, pending/sync and rate limiting.
+
+(docs/wire-format.md, RAM section; docs/qemu-compatibility.md, Convergence.)
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Byte-level framing of the RAM section against hand-built bytes (qemu-format.md section 3)."""
+"""Byte-level framing of the RAM section against hand-built bytes (docs/wire-format.md, RAM section)."""
 
 from __future__ import annotations
 

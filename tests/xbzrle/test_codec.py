@@ -24,7 +24,7 @@ PAGE = PAGE_SIZE
 
 
 # ---------------------------------------------------------------------------
-# literal references, written from qemu-format.md section 4
+# literal references, written from docs/wire-format.md, XBZRLE
 
 
 def ref_encode(old: bytes, new: bytes) -> bytes | None:
@@ -349,7 +349,7 @@ def test_encode_batch_inputs() -> None:
 
 
 # ---------------------------------------------------------------------------
-# decoder rejections (qemu-format.md section 4)
+# decoder rejections (docs/wire-format.md, XBZRLE)
 
 REJECT = [
     # (name, encoding, offset of the problem)

@@ -1,4 +1,4 @@
-"""The XBZRLE page cache, with QEMU 7.2's semantics (qemu-format.md section 5).
+"""The XBZRLE page cache, with QEMU 7.2's semantics (docs/wire-format.md, XBZRLE).
 
 XBZRLE can only send a delta for a page whose previous contents the sender
 still remembers; this cache is that memory.  It is a direct-mapped table --
@@ -299,7 +299,7 @@ class PageCache:
 
         Note: QEMU 7.2 itself never resizes a running cache -- a new
         ``xbzrle-cache-size`` takes effect with the next migration's fresh
-        cache (qemu-format.md section 5) -- so a stream-compatible sender
+        cache (docs/wire-format.md, XBZRLE) -- so a stream-compatible sender
         should not call this mid-migration.
         """
         items = _check_size(new_size, self.page_size)

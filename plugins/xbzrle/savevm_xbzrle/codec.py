@@ -1,6 +1,6 @@
 """XBZRLE page delta codec, byte-compatible with QEMU 7.2.
 
-The wire format (qemu-format.md section 4) is a sequence of ``(zrun, nzrun)``
+The wire format (docs/wire-format.md, XBZRLE) is a sequence of ``(zrun, nzrun)``
 pairs: a ULEB128 count of unchanged bytes, then a ULEB128 count ``n`` of
 changed bytes followed by those ``n`` bytes of the *new* page.  Runs are
 maximal at byte granularity, the first zero run may be 0, a trailing zero run

@@ -1,7 +1,7 @@
 """XBZRLE statistics as reported by QMP ``query-migrate`` (``xbzrle-cache``).
 
 The counters are cumulative and, as in QEMU 7.2, are never reset between
-migrations (qemu-format.md section 5); only the two rates are per period.
+migrations (docs/wire-format.md, XBZRLE); only the two rates are per period.
 The RAM section updates the counters as pages are sent and calls
 :meth:`XbzrleStats.update_rates` once per rate period (in QEMU: inside the
 bitmap sync, when more than a second has passed since the last period).
