@@ -212,6 +212,9 @@ class MigrationConfig:
     #: URI scheme -> the transport scheme that carries it (``{"tcp": "rdma"}`` sends
     #: ``tcp:HOST:PORT`` URIs over the RDMA-style transport): swapping transports is config
     transports: Mapping[str, str] = attrs.field(factory=dict)
+    #: QEMU's ``-mem-prealloc``: sections fault their memory in as soon as it is registered
+    #: (in the background), so a destination's load does not pay first-touch page faults
+    mem_prealloc: bool = False
 
     # ---------------------------------------------------------------- access
     def has(self, capability: str) -> bool:
@@ -267,7 +270,7 @@ class MigrationConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> MigrationConfig:
         """Build from a mapping shaped like the TOML file (see README)."""
         known = {"capabilities", "parameters", "machine", "plugins", "transports",
-                 "send-configuration", "send-section-footer", "send-vmdesc"}
+                 "send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc"}
         for k in data:
             if k not in known:
                 raise ConfigError(k, f"unknown config key; expected one of {', '.join(sorted(known))}")
@@ -289,7 +292,7 @@ class MigrationConfig:
             if not isinstance(data["machine"], str) or not 0 < len(data["machine"].encode()) < 256:
                 raise ConfigError("machine", "expected a machine name of 1..255 bytes")
             changes["machine"] = data["machine"]
-        for key in ("send-configuration", "send-section-footer", "send-vmdesc"):
+        for key in ("send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc"):
             if key in data:
                 changes[key.replace("-", "_")] = _parse_bool(data[key], key)
         if "plugins" in data:
@@ -323,6 +326,7 @@ class MigrationConfig:
             "send-configuration": self.send_configuration,
             "send-section-footer": self.send_section_footer,
             "send-vmdesc": self.send_vmdesc,
+            "mem-prealloc": self.mem_prealloc,
             "transports": dict(self.transports),
             "plugins": {
                 "enable": list(self.plugins.enable),

@@ -38,6 +38,10 @@ def build_config(args: argparse.Namespace) -> MigrationConfig:
         from attrs import evolve
 
         cfg = evolve(cfg, machine=args.machine)
+    if getattr(args, "mem_prealloc", False):
+        from attrs import evolve
+
+        cfg = evolve(cfg, mem_prealloc=True)
     return cfg
 
 
@@ -111,6 +115,9 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
                         "this side does not model are skipped by their described size")
     i.add_argument("--timeout", type=float, default=None,
                    help="seconds to wait for the source to connect, and the longest silence once connected")
+    i.add_argument("--mem-prealloc", action="store_true",
+                   help="fault the program's memory in while waiting for the source (QEMU's -mem-prealloc): "
+                        "a faster load, but all of it resident even where only zero pages arrive")
     migration_options(i)
     common_options(i)
     i.set_defaults(func=_run("cmd_incoming"))

@@ -25,6 +25,7 @@ from savevm.errors import (
     UnknownSectionError,
     VersionMismatchError,
 )
+from savevm_ram.pipeline import zero_pages
 from savevm_ram.wire import (
     FLAGS_MASK,
     PAGE_MASK,
@@ -62,6 +63,8 @@ _PAGE_C = _PAGE | _CONT
 _ZERO_C = _ZERO | _CONT
 _BE64_DT = np.dtype(">u8")
 _SHIFT = np.uint64(12)
+#: pages a run of ZERO records is checked in at a time (4 MiB of memory)
+_ZERO_SLICE = 1024
 
 
 class RAMLoader:
@@ -154,7 +157,10 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
                 counters.normal += 1
             elif kind == _ZERO:
                 fill = f.get_byte()
-                block.host[addr : addr + PAGE_SIZE] = fill
+                page = block.host[addr : addr + PAGE_SIZE]
+                # QEMU's is_zero_range check: writing zeros over zeros would fault in untouched memory
+                if fill or page.view(np.uint64).any():
+                    page[:] = fill
                 counters.duplicate += 1
             elif kind == _EXT:
                 cid_off = f.pos
@@ -253,8 +259,8 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                     pages2d[idx] = body
                 rs.counters.normal += k
             else:
-                fill = np.ndarray((k, 1), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride, 1))
-                pages2d[idx] = fill
+                fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
+                _apply_zero_run(pages2d, idx, fill)
                 rs.counters.duplicate += k
             pos += stride * k
             loaded += k
@@ -266,6 +272,29 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             break  # truncated: let the general path raise with the offset
     rs.counters.loaded_pages += loaded
     return block
+
+
+def _apply_zero_run(pages2d: np.ndarray, idx: np.ndarray, fill: np.ndarray) -> None:
+    """Apply a run of ZERO records: write only pages that are not already what they should be.
+
+    QEMU's destination checks ``is_zero_range`` before its memset, and so do we:
+    reading memory that was never written maps the kernel's shared zero page
+    (no allocation), writing it faults in a fresh page.  So a destination that
+    receives zero pages into fresh memory scans instead of allocating, and its
+    resident memory does not grow.  Pages are checked in slices (views when the
+    run is contiguous, small gathered copies otherwise), never all at once.
+    """
+    k = len(idx)
+    contiguous = k == 1 or (int(idx[-1]) - int(idx[0]) == k - 1 and bool((np.diff(idx) == 1).all()))
+    for lo in range(0, k, _ZERO_SLICE):
+        hi = min(k, lo + _ZERO_SLICE)
+        sub = idx[lo:hi]
+        data = pages2d[int(sub[0]) : int(sub[0]) + hi - lo] if contiguous else pages2d[sub]
+        ok = zero_pages(data) & (fill[lo:hi] == 0)
+        if ok.all():
+            continue
+        bad = np.flatnonzero(~ok)
+        pages2d[sub[bad]] = fill[lo:hi][bad, None]
 
 
 def _load_block_list(rs: RAMLoader, f: QEMUFile, total: int, off: int) -> None:
