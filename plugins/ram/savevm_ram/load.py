@@ -323,6 +323,10 @@ def _load_block_list(rs: RAMLoader, f: QEMUFile, total: int, off: int) -> None:
                 if isinstance(exc, StreamError):
                     raise
                 raise CorruptStreamError(str(exc), name_off) from exc
+        if block.owned:
+            memory = rs.hooks.block_memory(rs.rs, f, block)
+            if memory is not None:
+                block.replace_memory(memory)  # a transport's registered memory becomes the block's
         rs.hooks.load_hook(rs.rs, f, RAM_CONTROL_BLOCK_REG, block)
         remaining -= length
     rs.counters.total = total
