@@ -60,6 +60,10 @@ _HOOK = int(Flag.HOOK)
 _EXT = int(Flag.SAVEVM_ENCODED)
 _CODECS = int(Flag.SAVEVM_CODECS)
 _PAGE_C = _PAGE | _CONT
+_COMPRESS_C = _COMPRESS | _CONT
+_unpack32 = struct.Struct(">I").unpack_from
+#: compressBound(4096): the longest COMPRESS_PAGE body the loader accepts
+_COMPRESS_BOUND = 4110
 _ZERO_C = _ZERO | _CONT
 _BE64_DT = np.dtype(">u8")
 _SHIFT = np.uint64(12)
@@ -81,6 +85,9 @@ class RAMLoader:
         self.last_block: RAMBlock | None = None
         self._by_flag: dict[int, PageCodec] = {c.wire_flag: c for c in codecs if c.wire_flag in QEMU_CODEC_FLAGS}
         self._ext: dict[int, PageCodec] = {}
+        comp = self._by_flag.get(_COMPRESS)
+        #: the compress codec's one-page inflate, for the fast path (None: general path only)
+        self.inflate = getattr(comp, "inflate_page", None)
         for c in codecs:
             c.load_setup(rs)
         hooks.refresh()
@@ -231,6 +238,13 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 stride = PAGE_RECORD_SIZE
             elif fl == _ZERO_C:
                 stride = 9
+            elif fl == _COMPRESS_C and rs.inflate is not None:
+                done, need = _compressed_run(rs, buf, pos, block, used)
+                pos += done[0]
+                loaded += done[1]
+                if need or not done[1]:
+                    break
+                continue
             else:
                 break
             k = left // stride
@@ -272,6 +286,52 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             break  # truncated: let the general path raise with the offset
     rs.counters.loaded_pages += loaded
     return block
+
+
+def _compressed_run(rs: RAMLoader, buf: memoryview, pos: int, block: RAMBlock,
+                    used: int) -> tuple[tuple[int, int], int]:
+    """COMPRESS_PAGE|CONTINUE records from the stage: ((bytes used, pages loaded), bytes needed).
+
+    Each record is a be64 header, a be32 length and a zlib stream, so they
+    are taken one by one, but without the general path's per-field calls.
+    Anything unusual (a length over compressBound, a page outside the block,
+    a stream that does not inflate to one page) stops the run, and the
+    general path reports that record with its offset.  ``bytes needed`` is
+    non-zero when the next record is incomplete in the stage.
+    """
+    inflate = rs.inflate
+    assert inflate is not None
+    mv = block.mv
+    avail = len(buf)
+    start = pos
+    n = 0
+    need = 0
+    while True:
+        left = avail - pos
+        if left < 8:
+            need = 8  # a chunk ends with EOS: at least a header must still come
+            break
+        v = _unpack(buf, pos)[0]
+        if v & FLAGS_MASK != _COMPRESS_C:
+            break
+        if left < 12:
+            need = 12
+            break
+        addr = v & PAGE_MASK
+        clen = _unpack32(buf, pos + 8)[0]
+        if addr + PAGE_SIZE > used or clen > _COMPRESS_BOUND:
+            break
+        if left < 12 + clen:
+            need = 12 + clen
+            break
+        page = inflate(buf[pos + 12 : pos + 12 + clen])
+        if page is None:
+            break
+        mv[addr : addr + PAGE_SIZE] = page
+        pos += 12 + clen
+        n += 1
+    rs.counters.encoded += n
+    return (pos - start, n), need
 
 
 def _apply_zero_run(pages2d: np.ndarray, idx: np.ndarray, fill: np.ndarray) -> None:
