@@ -1,13 +1,15 @@
 """The RAM plugin's rows of ``savevm bench``: the user's path first, then the best case.
 
-The headline rows migrate the RAM section the way a user's migration runs it: the
-source saves in this process, a second process (forked, over tcp loopback) loads into a **fresh** block (``RAMBlock.allocate``, as ``savevm incoming`` with
-the demo program gets), so the load pays the first-touch page faults of a real
-destination.  Beside them, in the same run, a plain ``sendall`` / ``recv_into`` copy of
-the same bytes between the same two processes (tcp loopback) into a reused buffer (the ratio) and
-into a fresh one (named in the row).  Then the best case (the destination block
-pre-touched) and the bulk stage to /dev/null.  The full benchmarks (two CLI processes,
-tcp, rdma, compression) are the scripts in ``benchmarks/``.  Every figure is a median.
+The headline rows migrate the RAM section the way a user's migration runs it:
+the source saves in this process, a second process (forked, over tcp loopback)
+loads into a **fresh** block (``RAMBlock.allocate``, as ``savevm incoming``
+with the demo program gets), so the load pays the first-touch page faults of
+a real destination.  Beside them, in the same run, a plain ``sendall`` /
+``recv_into`` copy of the same bytes between the same two processes into a
+reused buffer (the ratio) and into a fresh one (named in the row).  Then the
+best case (the destination block pre-touched) and the bulk stage to
+/dev/null.  The full benchmarks (two CLI processes, tcp, rdma, compression)
+are the scripts in ``benchmarks/``.  Every figure is a median.
 """
 
 from __future__ import annotations
