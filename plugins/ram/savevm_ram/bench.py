@@ -84,7 +84,7 @@ def _receive(sock: socket.socket, size: int, mode: str, touched: np.ndarray | No
         return h.counters.loaded_pages, (_resident(block.host) - before) if fresh else 0
     buf = np.empty(size, dtype=np.uint8) if fresh else touched
     assert buf is not None
-    mv = memoryview(buf)
+    mv = buf.data
     got = 0
     while got < size:
         n = sock.recv_into(mv[got : got + CHUNK])
@@ -140,7 +140,7 @@ class _Pair:
                 save_stream(f, reg)
                 f.flush()
             else:
-                mv = memoryview(src)
+                mv = src.data
                 for off in range(0, self.size, CHUNK):
                     sock.sendall(mv[off : off + CHUNK])
             sock.shutdown(socket.SHUT_WR)
