@@ -4,9 +4,12 @@
 the last record named, the decoders by wire flag, and the third-party codecs
 the source announced.  Every record's block and offset are validated before
 a byte is written, so a corrupt stream can fail a migration but never write
-outside a block.  Runs of ``PAGE|CONTINUE`` and ``ZERO|CONTINUE`` records are
-parsed straight out of QEMUFile's 4 MiB staging buffer in a tight loop;
-anything else takes the general path.
+outside a block.  Runs of ``PAGE|CONTINUE``, ``ZERO|CONTINUE`` and
+``COMPRESS_PAGE|CONTINUE`` records are parsed straight out of QEMUFile's
+4 MiB staging buffer in a tight loop; anything else takes the general path.
+A zero page is written only where the block does not already read as zero,
+so zero pages loaded into fresh memory allocate nothing (QEMU's
+``is_zero_range`` check).
 """
 
 from __future__ import annotations

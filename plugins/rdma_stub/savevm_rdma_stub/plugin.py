@@ -11,7 +11,8 @@ plugin does the same on one host with shared memory:
 * Destination, registration: every block gets a *region*, an anonymous
   shared-memory file (``memfd_create``: it has no name in ``/dev/shm``, so
   nothing can be left behind there, whoever dies) holding a 4 KiB header
-  and then the block's bytes.  For a block the RAM plugin owns
+  and then the block's bytes, allocated in the background as soon as it is
+  registered (as RDMA registration pins memory).  For a block the RAM plugin owns
   (``RAMBlock.allocate``: the demo's blocks, auto-created ones) the region
   *is* the block's memory, handed over through the RAM plugin's
   ``ram_block_memory`` hook: a page costs one copy, source memory to
