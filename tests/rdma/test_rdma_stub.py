@@ -203,8 +203,13 @@ def _owned_destination(conn: Any) -> None:
     conn.send((st.status, sums, mapping.strip()))
 
 
+def _our_shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if "savevm" in n} if os.path.isdir("/dev/shm") else set()
+
+
 def test_rdma_writes_owned_blocks_in_place() -> None:
     """An owned block's memory *is* its registered region: no staging copy on the destination."""
+    before = _our_shm()
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_owned_destination, args=(child,))
@@ -221,6 +226,7 @@ def test_rdma_writes_owned_blocks_in_place() -> None:
     assert status == "completed"
     assert sums == {"a": hashlib.sha256(src_a).hexdigest(), "b": hashlib.sha256(src_b).hexdigest()}
     assert "/memfd:savevm-rdma" in mapping, mapping  # the block lives in the region the source wrote
+    assert _our_shm() <= before  # nothing named in /dev/shm after a success
 
 
 def _maps(pid: int) -> str:
