@@ -3,7 +3,8 @@
     ram = savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", bytearray(64 << 20))])
     handlers = savevm_ram.register_ram(registry, ram)
 
-Modules, one responsibility each: ``block`` (RAMBlock, RAMList), ``dirty``
+Modules, one responsibility each: ``block`` (RAMBlock, RAMList), ``memory``
+(fresh memory: huge-page allocation, mem-prealloc), ``dirty``
 (dirty logging and the migration bitmap), ``search`` (the page search),
 ``pipeline`` (a batch of pages to records), ``save`` / ``load`` (the two
 sides), ``control`` (the hook facade and codec collection), ``handlers``
