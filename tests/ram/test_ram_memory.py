@@ -125,6 +125,14 @@ def test_mem_prealloc_from_config_and_for_blocks_added_later() -> None:
     assert resident(late.host) >= 2 * MIB
 
 
+@pytest.mark.skipif(not HAVE_SMAPS, reason="needs /proc/self/smaps (Linux) to see what is resident")
+def test_mem_prealloc_on_an_empty_list_covers_blocks_added_later() -> None:
+    ram = RAMList(mem_prealloc=True)
+    b = ram.add(RAMBlock.allocate("a", 2 * MIB))
+    assert ram.wait_prealloc(30)
+    assert resident(b.host) >= 2 * MIB
+
+
 def test_mem_prealloc_load_is_correct() -> None:
     """A load may run while prealloc still faults pages in: populate never changes a byte."""
     src = np.random.default_rng(5).integers(0, 256, 32 * MIB, dtype=np.uint8)

@@ -219,6 +219,7 @@ class RAMList:
         #: it is known (see :meth:`prealloc`), so a load copies into present memory
         self.mem_prealloc = mem_prealloc
         self._prefaulters: list[Prefaulter] = []
+        self._prealloc_started = False
         #: bumped on every add/remove, like ram_list.version (hotplug)
         self.version = 0
         #: destination only: a block the stream announces but this side lacks is created
@@ -242,7 +243,7 @@ class RAMList:
         while this still runs; where the kernel lacks it, pages are touched
         instead and the load waits for that (:meth:`wait_prealloc`).
         """
-        self.mem_prealloc = True
+        self.mem_prealloc = self._prealloc_started = True
         todo = list(self._blocks) if blocks is None else blocks
         jobs = [(b.host, 0, b.max_length) for b in todo]
         if jobs:
@@ -268,7 +269,7 @@ class RAMList:
         self._blocks.sort(key=lambda b: -b.max_length)  # stable: equal sizes keep insertion order
         self._relayout()
         self.version += 1
-        if self.mem_prealloc and self._prefaulters:
+        if self.mem_prealloc and self._prealloc_started:
             self.prealloc([block])  # a block added after prealloc() started
         return block
 

@@ -43,8 +43,6 @@ log = get_logger("savevm.ram")
 #: Linux madvise advice values (not all Pythons name them)
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-#: huge page size on x86-64 and arm64 with 4 KiB pages: populate works in these steps
-HUGE = 2 << 20
 #: one populate call at most this long, so a stop request is seen soon
 POPULATE_STEP = 32 << 20
 
