@@ -143,6 +143,7 @@ class Prefaulter:
                     self.faulted += n
             log.info("ram_mem_prealloc_done", bytes=self.faulted, populate=not self.exclusive)
         finally:
+            self._jobs = []  # hold no memory alive: a block may have moved onto other memory since
             self._done.set()
 
     def done(self) -> bool:
