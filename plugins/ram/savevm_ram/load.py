@@ -352,12 +352,20 @@ def _apply_zero_run(pages2d: np.ndarray, idx: np.ndarray, fill: np.ndarray) -> N
     for lo in range(0, k, _ZERO_SLICE):
         hi = min(k, lo + _ZERO_SLICE)
         sub = idx[lo:hi]
-        data = pages2d[int(sub[0]) : int(sub[0]) + hi - lo] if contiguous else pages2d[sub]
-        ok = zero_pages(data) & (fill[lo:hi] == 0)
+        val = fill[lo:hi]
+        if not contiguous:
+            # a page named twice ends as its last record says: keep only that record
+            # (each record rewrites the whole page, so the earlier ones cannot matter)
+            rev, last = np.unique(sub[::-1], return_index=True)
+            if len(rev) < len(sub):
+                keep = len(sub) - 1 - last
+                sub, val = sub[keep], val[keep]
+        data = pages2d[int(sub[0]) : int(sub[0]) + len(sub)] if contiguous else pages2d[sub]
+        ok = zero_pages(data) & (val == 0)
         if ok.all():
             continue
         bad = np.flatnonzero(~ok)
-        pages2d[sub[bad]] = fill[lo:hi][bad, None]
+        pages2d[sub[bad]] = val[bad, None]
 
 
 def _load_block_list(rs: RAMLoader, f: QEMUFile, total: int, off: int) -> None:
