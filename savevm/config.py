@@ -243,6 +243,9 @@ class MigrationConfig:
     #: declared through the ``savevm_migration_capabilities`` hook; only these and QEMU's own
     #: names are accepted, so a typo is an error rather than a capability that is silently off
     plugin_capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
+    #: QEMU's ``-mem-prealloc``: sections fault their memory in as soon as it is registered
+    #: (in the background), so a destination's load does not pay first-touch page faults
+    mem_prealloc: bool = False
 
     # ---------------------------------------------------------------- access
     def has(self, capability: str) -> bool:
@@ -313,7 +316,7 @@ class MigrationConfig:
         may switch those on as well as QEMU's.
         """
         known = {"capabilities", "parameters", "machine", "plugins", "transports",
-                 "send-configuration", "send-section-footer", "send-vmdesc"}
+                 "send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc"}
         for k in data:
             if k not in known:
                 raise ConfigError(k, f"unknown config key; expected one of {', '.join(sorted(known))}")
@@ -335,7 +338,7 @@ class MigrationConfig:
             if not isinstance(data["machine"], str) or not 0 < len(data["machine"].encode()) < 256:
                 raise ConfigError("machine", "expected a machine name of 1..255 bytes")
             changes["machine"] = data["machine"]
-        for key in ("send-configuration", "send-section-footer", "send-vmdesc"):
+        for key in ("send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc"):
             if key in data:
                 changes[key.replace("-", "_")] = _parse_bool(data[key], key)
         if "plugins" in data:
@@ -369,6 +372,7 @@ class MigrationConfig:
             "send-configuration": self.send_configuration,
             "send-section-footer": self.send_section_footer,
             "send-vmdesc": self.send_vmdesc,
+            "mem-prealloc": self.mem_prealloc,
             "transports": dict(self.transports),
             "plugins": {
                 "enable": list(self.plugins.enable),

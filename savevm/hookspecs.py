@@ -171,5 +171,6 @@ def savevm_bench(size: int, runs: int) -> list[dict[str, Any]] | None:
 
     :param size: bytes of RAM (or data) each figure should push through.
     :param runs: repetitions per figure; report the median.
-    :return: rows of ``{"what", "seconds", "GB/s", "baseline", "baseline GB/s", "ratio"}``, or None.
+    :return: rows of ``{"what", "seconds", "GB/s", "baseline", "baseline GB/s", "ratio"}``, or None;
+        a row with ``"headline": True`` (what a user's migration gets) is listed before all others.
     """

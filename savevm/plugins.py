@@ -240,10 +240,11 @@ class PluginHost:
             self.pm.hook.savevm_query_migrate(migration=migration, info=info)
 
     def bench_rows(self, size: int, runs: int) -> list[dict[str, Any]]:
-        """Every plugin's ``savevm bench`` rows, in registration order."""
+        """Every plugin's ``savevm bench`` rows, in registration order, rows marked ``headline`` first."""
         rows: list[dict[str, Any]] = []
         for part in reversed(self.pm.hook.savevm_bench(size=size, runs=runs)):  # pluggy calls LIFO
             rows.extend(part or [])
+        rows.sort(key=lambda r: not r.get("headline", False))  # stable: plugin order otherwise
         return rows
 
     def cli_commands(self, subparsers: argparse._SubParsersAction) -> None:

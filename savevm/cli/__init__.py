@@ -49,6 +49,10 @@ def build_config(args: argparse.Namespace) -> MigrationConfig:
         from attrs import evolve
 
         cfg = evolve(cfg, machine=args.machine)
+    if getattr(args, "mem_prealloc", False):
+        from attrs import evolve
+
+        cfg = evolve(cfg, mem_prealloc=True)
     return cfg
 
 
@@ -163,6 +167,9 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     i.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT", help="serve a QMP monitor while loading")
     i.add_argument("--run", action="store_true",
                    help="keep the program running after the load (and the QMP monitor up) until QMP quit")
+    i.add_argument("--mem-prealloc", action="store_true",
+                   help="fault the program's memory in while waiting for the source (QEMU's -mem-prealloc): "
+                        "a faster load, but all of it resident even where only zero pages arrive")
     migration_options(i)
     common_options(i)
     i.set_defaults(func=_run("cmd_incoming"))

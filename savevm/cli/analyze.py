@@ -144,6 +144,9 @@ class RecordCounts:
 class _CountingCodec:
     """A page codec that counts the records it decodes and the bytes they take."""
 
+    #: no loader fast path around load_page (the compress codec offers one): every record is counted
+    inflate_page = None
+
     def __init__(self, codec: Any, counts: RecordCounts) -> None:
         self._codec = codec
         kind = _CODEC_KINDS.get(codec.wire_flag, "savevm-codec")

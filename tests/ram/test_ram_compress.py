@@ -74,3 +74,88 @@ def test_corrupt_compressed_page_is_refused() -> None:
     savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", np.zeros_like(mem))]))
     with pytest.raises(savevm.CorruptStreamError, match="does not decompress"):
         StreamLoader(QEMUFile(MemoryChannel(bad)), reg).load()
+
+
+@pytest.mark.parametrize("which", [1, 7, -1])
+def test_corrupt_compressed_page_in_a_run_is_refused_at_its_offset(which: int) -> None:
+    """A bad CONTINUE record in a run of compressed pages (the loader's fast path) fails at that record."""
+    mem = _src()
+    data, _ = _save(mem)
+    recs = _records(data)
+    which %= len(recs)
+    _, body = recs[which]
+    at = -1
+    for _ in range(sum(1 for _, b in recs[: which + 1] if b == body)):  # the same page may recur
+        at = data.index(body, at + 1)
+    bad = data[:at] + bytes([body[0] ^ 0xFF]) + data[at + 1 :]
+    reg = savevm.PluginHost().new_registry()
+    dst = np.zeros_like(mem)
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", dst)]))
+    with pytest.raises(savevm.CorruptStreamError, match="does not decompress") as ei:
+        StreamLoader(QEMUFile(MemoryChannel(bad)), reg).load()
+    assert at - 12 <= ei.value.offset <= at  # the record's header
+
+
+class TrickleChannel(MemoryChannel):
+    """Hands the stream out a few bytes at a time, so records straddle every read."""
+
+    def __init__(self, data: bytes, seed: int) -> None:
+        super().__init__(data)
+        self._rng = np.random.default_rng(seed)
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        n = int(self._rng.integers(1, 6000))
+        return super().readinto(buf[: min(n, len(buf))])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_compressed_pages_straddling_reads(seed: int) -> None:
+    from savevm_ram.demo import english_like_text
+
+    mem = _src()
+    mem[: 40 * 4096] = english_like_text(seed, 40 * 4096)
+    data, _ = _save(mem)
+    reg = savevm.PluginHost().new_registry()
+    dst = np.zeros_like(mem)
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", dst)]))
+    StreamLoader(QEMUFile(TrickleChannel(data, seed)), reg).load()
+    assert np.array_equal(mem, dst)
+
+
+def test_compress_level_compresses_at_least_as_well_as_zlib() -> None:
+    """compress-level N maps to the zlib-ng level whose output is no larger than zlib's at N (QEMU's)."""
+    import zlib
+
+    from savevm_ram.compress import zlib_ng_level
+    from savevm_ram.demo import english_like_text
+
+    pages = english_like_text(11, 300 * 4096).reshape(-1, 4096)
+    assert zlib_ng_level(1) == 2 and zlib_ng_level(6) == 6
+    for level in range(1, 10):
+        ours = sum(len(zlib_ng.compress(p.tobytes(), zlib_ng_level(level))) for p in pages)
+        qemu = sum(len(zlib.compress(p.tobytes(), level)) for p in pages)
+        assert ours <= qemu, level
+    # and zlib-ng's own level 1 is the weaker algorithm the mapping avoids
+    assert sum(len(zlib_ng.compress(p.tobytes(), 1)) for p in pages) > 1.1 * sum(
+        len(zlib.compress(p.tobytes(), 1)) for p in pages)
+
+
+def test_text_fill_is_english_like_and_deterministic() -> None:
+    import zlib
+
+    from savevm_ram.demo import _fill
+
+    a = np.zeros(64 << 20, dtype=np.uint8)
+    b = np.zeros(64 << 20, dtype=np.uint8)
+    _fill(a, "text", 4)
+    _fill(b, "text", 4)
+    assert np.array_equal(a, b)
+    pages = a.reshape(-1, 4096)
+    assert len({pages[i].tobytes() for i in range(0, len(pages), 13)}) == len(range(0, len(pages), 13))
+    sample = pages[:: len(pages) // 200]
+    ratio = sum(len(zlib.compress(p.tobytes(), 1)) for p in sample) / (len(sample) * 4096)
+    assert 0.38 <= ratio <= 0.46, ratio  # zlib level 1 shrinks it about 2.4x, like prose
+    text = a[:1 << 16].tobytes()
+    words = set(text.replace(b".", b" ").split())
+    assert 200 <= len({w.lower() for w in words if w.isalpha()}) <= 600
+    assert any(w.isdigit() for w in words) and text.count(b"\n") > 100

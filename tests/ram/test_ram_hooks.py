@@ -452,3 +452,48 @@ def test_save_page_not_called_unless_claimed() -> None:
     stream, _ = migrate(reg)
     assert Idle.calls == 0
     assert len(rs.page_records(rs.parse_stream(stream))) == 64
+
+
+# ----------------------------------------------------------------- block memory
+class MemoryGiver:
+    """Hands out bytearrays for owned blocks, and records which blocks it was offered."""
+
+    def __init__(self) -> None:
+        self.offered: list[tuple[str, int, int]] = []
+        self.given: dict[str, bytearray] = {}
+
+    @hookimpl
+    def ram_block_memory(self, rs: Any, f: QEMUFile, block: RAMBlock) -> Any:
+        self.offered.append((block.idstr, block.used_length, block.max_length))
+        mem = self.given[block.idstr] = bytearray(block.max_length)
+        return mem
+
+
+def test_hook_ram_block_memory() -> None:
+    """Owned blocks move onto the memory the hook returns, before pages land; others are never offered."""
+    ram = src_ram({"a": 10, "bb": 30})
+    stream, _ = migrate(registry_with(ram)[0])
+    owned = RAMBlock.allocate("a", 10 * P)
+    owned.host[3] = 7  # bytes already there are carried over to the new memory
+    dst = RAMList([owned, RAMBlock("bb", bytearray(30 * P))])
+    giver = MemoryGiver()
+    load_into(stream, dst, giver)
+    assert giver.offered == [("a", 10 * P, 10 * P)]
+    assert_same(ram, dst)
+    assert bytes(giver.given["a"]) == bytes(ram.find("a").host)  # type: ignore[union-attr]
+    assert dst.find("a").buffer is giver.given["a"]  # type: ignore[union-attr]
+
+
+def test_block_memory_none_keeps_the_block() -> None:
+    class Declines:
+        @hookimpl
+        def ram_block_memory(self, rs: Any, f: QEMUFile, block: RAMBlock) -> Any:
+            return None
+
+    ram = src_ram({"a": 4})
+    stream, _ = migrate(registry_with(ram)[0])
+    owned = RAMBlock.allocate("a", 4 * P)
+    host = owned.host
+    load_into(stream, RAMList([owned]), Declines())
+    assert owned.host is host
+    assert bytes(host) == bytes(ram.find("a").host)  # type: ignore[union-attr]

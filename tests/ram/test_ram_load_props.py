@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import ram_strategies as rs
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from savevm.channels.memory import MemoryChannel
@@ -63,6 +63,8 @@ def test_random_records_reload_to_model(chunks: list[list[rs.PageOp]], seed: int
 @SETTINGS
 @given(runs=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4), st.booleans(), st.integers(0, 255)),
                      min_size=1, max_size=12))
+@example(runs=[(0, 1, True, 1), (0, 1, True, 0)])  # a zero page filled, then zeroed, in one run
+@example(runs=[(1, 1, True, 0), (0, 1, True, 5), (1, 1, True, 7), (0, 1, True, 0)])
 def test_continue_runs_with_repeats_last_record_wins(runs: list[tuple[int, int, bool, int]]) -> None:
     """Long CONTINUE runs (the loader's batch path) that revisit pages: stream order decides."""
     a = RAMBlock("a", bytearray(4 * P))

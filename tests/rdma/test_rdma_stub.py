@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import mmap
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from multiprocessing import shared_memory
 from typing import Any
 
@@ -55,7 +60,7 @@ def _destination(conn: Any, shm_backed: bool) -> None:
         shm.unlink()
 
 
-@pytest.mark.parametrize("shm_backed", [False, True], ids=["staged", "zero-copy"])
+@pytest.mark.parametrize("shm_backed", [False, True], ids=["numpy", "shared-memory"])
 def test_rdma_migration_between_processes(shm_backed: bool) -> None:
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe()
@@ -92,13 +97,11 @@ def test_rdma_hooks_ignore_other_channels() -> None:
     assert len(ch.getvalue()) > N // 2  # the random pages are in the stream itself
 
 
-def test_rdma_block_mismatch_is_refused() -> None:
-    """The destination registers blocks of other lengths: the source fails at setup, clearly."""
+def _against_fake_destination(answer: Any, src: np.ndarray) -> Migration:
+    """Migrate ``src`` to a fake rdma destination whose registration reply is ``answer(token)``."""
     lst = RdmaTransport().listen("127.0.0.1:0")
-    errors: list[BaseException] = []
 
     def fake_destination() -> None:
-        # answers the registration request with a wrong length, as a mismatched peer would
         import struct
 
         from savevm.return_path import NEGOTIATE_PONG, RPMessage, encode_json, frame
@@ -108,28 +111,163 @@ def test_rdma_block_mismatch_is_refused() -> None:
             f = QEMUFile(ch)
             # a savevm destination: answer the negotiation PING (the source's first command)
             ch.sock.sendall(frame(RPMessage.PONG, struct.pack(">I", NEGOTIATE_PONG)))
-            while True:  # skip to the HOOK record's control word
-                if f.get_byte() == 0x80 and f.peek_byte() == 0:
-                    f.get_be32()
-                    break
-            blocks = [{"idstr": "a", "length": 4096, "region": "nope", "direct": False}]
-            ch.sock.sendall(frame(RPMessage.EXTENSION, encode_json({"kind": "rdma-blocks", "blocks": blocks})))
+            window = b""
+            while window != b"\x00" * 7 + b"\x80" + b"\x00\x00\x00\x04":  # HOOK, RAM_BLOCKS_REQUEST
+                window = (window + bytes([f.get_byte()]))[-12:]
+            token = f.get_bytes(16, limit=16)
+            ch.sock.sendall(frame(RPMessage.EXTENSION, encode_json({"kind": "rdma-blocks", **answer(token)})))
             ch.sock.recv(1 << 16)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        except OSError:
+            pass
         finally:
             ch.close()
 
     t = threading.Thread(target=fake_destination)
     t.start()
-    reg, _ = _registry([savevm_ram.RAMBlock("a", _src_memory(5))])
+    reg, _ = _registry([savevm_ram.RAMBlock("a", src)])
     mig = Migration(reg, lst.uri)
     mig.start()
     st = mig.wait(30)
     t.join(10)
     lst.close()
     assert st.status == "failed"
+    return mig
+
+
+def test_rdma_block_mismatch_is_refused() -> None:
+    """The destination registers blocks of other lengths: the source fails at setup, clearly."""
+    mig = _against_fake_destination(lambda token: {
+        "blocks": [{"idstr": "a", "length": 4096, "pid": os.getpid(), "fd": 0, "direct": False}],
+        "token": token.hex()}, _src_memory(5))
     assert "block 0 mismatch" in str(mig.error)
+
+
+def test_rdma_token_mismatch_is_refused() -> None:
+    mig = _against_fake_destination(lambda token: {
+        "blocks": [{"idstr": "a", "length": N, "pid": os.getpid(), "fd": 0, "direct": False}],
+        "token": "00" * 16}, _src_memory(5))
+    assert "token mismatch" in str(mig.error)
+
+
+def test_rdma_never_writes_memory_that_is_not_a_region(tmp_path: Any) -> None:
+    """A destination that points the source at another file: refused before a byte is written."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"\x00" * (N + 4096))
+    fd = os.open(victim, os.O_RDWR)
+    try:
+        mig = _against_fake_destination(lambda token: {
+            "blocks": [{"idstr": "a", "length": N, "pid": os.getpid(), "fd": fd, "direct": True}],
+            "token": token.hex()}, _src_memory(5))
+    finally:
+        os.close(fd)
+    assert "not a savevm-rdma region" in str(mig.error)
+    assert victim.read_bytes() == b"\x00" * (N + 4096)
+
+
+@pytest.mark.parametrize("fault", ["token", "length", "index"])
+def test_rdma_checks_the_region_header_before_writing(fault: str) -> None:
+    """A memfd that looks like a region but whose header is not this migration's block: not written."""
+    from savevm_rdma_stub.plugin import _HDR, HEADER, MAGIC, MEMFD_NAME
+
+    fd = os.memfd_create(MEMFD_NAME)
+    os.ftruncate(fd, HEADER + N)
+    region = mmap.mmap(fd, HEADER + N)
+
+    def answer(token: bytes) -> dict[str, Any]:
+        hdr = _HDR.pack(MAGIC, b"\x01" * 16 if fault == "token" else token, 1 if fault == "index" else 0,
+                        N - 4096 if fault == "length" else N, 1) + b"a"
+        region[: len(hdr)] = hdr
+        return {"blocks": [{"idstr": "a", "length": N, "pid": os.getpid(), "fd": fd, "direct": True}],
+                "token": token.hex()}
+
+    try:
+        mig = _against_fake_destination(answer, _src_memory(5))
+        assert "header does not name" in str(mig.error)
+        assert not any(region[HEADER:])  # not one page was written
+    finally:
+        region.close()
+        os.close(fd)
+
+
+def _owned_destination(conn: Any) -> None:
+    """Child process: blocks the RAM plugin owns, received over rdma: and written in place."""
+    a = savevm_ram.RAMBlock.allocate("a", N)
+    reg, h = _registry([a, savevm_ram.RAMBlock("b", bytearray(1 << 20))])
+    inc = Incoming(reg, "rdma:127.0.0.1:0")
+    conn.send(inc.listen())
+    st = inc.run()
+    sums = {b.idstr: hashlib.sha256(b.mv[: b.used_length]).hexdigest() for b in h.ram}
+    addr = h.ram.find("a").host.ctypes.data  # type: ignore[union-attr]
+    mapping = next(line for line in open("/proc/self/maps")
+                   if int(line.split("-")[0], 16) <= addr < int(line.split()[0].split("-")[1], 16))
+    conn.send((st.status, sums, mapping.strip()))
+
+
+def _our_shm() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if "savevm" in n} if os.path.isdir("/dev/shm") else set()
+
+
+def test_rdma_writes_owned_blocks_in_place() -> None:
+    """An owned block's memory *is* its registered region: no staging copy on the destination."""
+    before = _our_shm()
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_owned_destination, args=(child,))
+    proc.start()
+    try:
+        uri = parent.recv()
+        src_a = _src_memory(8)
+        src_b = bytearray(os.urandom(1 << 20))
+        reg, h = _registry([savevm_ram.RAMBlock("a", src_a), savevm_ram.RAMBlock("b", src_b)])
+        assert Migration(reg, uri).run().status == "completed"
+        status, sums, mapping = parent.recv()
+    finally:
+        proc.join(30)
+    assert status == "completed"
+    assert sums == {"a": hashlib.sha256(src_a).hexdigest(), "b": hashlib.sha256(src_b).hexdigest()}
+    assert "/memfd:savevm-rdma" in mapping, mapping  # the block lives in the region the source wrote
+    assert _our_shm() <= before  # nothing named in /dev/shm after a success
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as fh:
+        return fh.read()
+
+
+@pytest.mark.parametrize("victim", ["destination", "source"])
+def test_rdma_kill9_either_side_leaves_no_segment(victim: str) -> None:
+    """Regions are memfds: no /dev/shm name exists to leak, whoever is killed; the survivor fails."""
+    env = {**os.environ}
+    cli = [sys.executable, "-m", "savevm.cli"]
+    guest = ["--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", "size=32M", "--guest-arg", "blocks=1"]
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    dest = subprocess.Popen([*cli, "incoming", "rdma:127.0.0.1:0", "--print-uri", "--json", "--timeout", "30",
+                             *guest, "--guest-arg", "role=destination"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    src = None
+    try:
+        assert dest.stdout is not None
+        uri = dest.stdout.readline().strip()
+        src = subprocess.Popen([*cli, "migrate", uri, "--json", *guest, "--guest-arg", "dirty_rate=0",
+                                "--set", "max-bandwidth=4M"], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, env=env)
+        deadline = time.monotonic() + 20
+        while "/memfd:savevm-rdma" not in _maps(src.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in (dest.pid, src.pid):  # registered memory is memfd-backed on both sides, never /dev/shm
+            assert "/memfd:savevm-rdma" in _maps(p) and "/dev/shm/" not in _maps(p)
+        killed, survivor = (dest, src) if victim == "destination" else (src, dest)
+        killed.kill()
+        killed.wait(10)
+        out, _ = survivor.communicate(timeout=60)
+        assert json.loads(out.strip().splitlines()[-1])["status"] == "failed"
+    finally:
+        for p in (dest, src):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    if os.path.isdir("/dev/shm"):
+        assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "savevm" in n]
 
 
 def test_rdma_uri_and_channel() -> None:

@@ -37,8 +37,12 @@ def _run(src: DemoProgram, sreg: Any, dst: DemoProgram, dreg: Any, cfg: Migratio
     return mig, st, ist
 
 
-def test_verify_completes_with_equal_digests() -> None:
-    cfg = MigrationConfig().set_capability("verify")
+@pytest.mark.parametrize("caps", [[], ["compress"], ["xbzrle"]])
+def test_verify_completes_with_equal_digests(caps: list[str]) -> None:
+    """Every loader path (runs, single records, compressed and XBZRLE pages) fingerprints what it wrote."""
+    cfg = MigrationConfig().set_capability("verify").set_parameter("max-bandwidth", "32M")
+    for c in caps:
+        cfg = cfg.set_capability(c)
     src, sreg, dst, dreg = _pair(cfg)
     mig, st, ist = _run(src, sreg, dst, dreg, cfg)
     assert st.status == "completed", mig.error

@@ -3,7 +3,8 @@
     ram = savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", bytearray(64 << 20))])
     handlers = savevm_ram.register_ram(registry, ram)
 
-Modules, one responsibility each: ``block`` (RAMBlock, RAMList), ``dirty``
+Modules, one responsibility each: ``block`` (RAMBlock, RAMList), ``memory``
+(fresh memory: huge-page allocation, mem-prealloc), ``dirty``
 (dirty logging and the migration bitmap), ``search`` (the page search),
 ``pipeline`` (a batch of pages to records), ``save`` / ``load`` (the two
 sides), ``control`` (the hook facade and codec collection), ``handlers``
@@ -32,7 +33,8 @@ def register_ram(registry: SectionRegistry, ram: RAMList, *, instance_id: int = 
     """Register the ``ram`` live section (QEMU's ram_mig_init) over ``ram``.
 
     Uses the registry's plugin host for hooks and codecs; one is built from
-    the registry's config if it has none.
+    the registry's config if it has none.  With ``mem-prealloc`` in the
+    registry's config the blocks start faulting in at once (:meth:`RAMList.prealloc`).
     """
     from savevm.plugins import PluginHost
     from savevm_ram import hookspecs
@@ -42,6 +44,8 @@ def register_ram(registry: SectionRegistry, ram: RAMList, *, instance_id: int = 
         plugins = registry.plugins = PluginHost(registry.config)
     if not plugins.has_hookspecs(hookspecs):
         plugins.add_hookspecs(hookspecs)
+    if registry.config.mem_prealloc and not ram.mem_prealloc:
+        ram.prealloc()  # -mem-prealloc: fault the memory in now, while the destination waits
     handlers = RAMHandlers(ram, config=registry.config, plugins=plugins)
     registry.register_live(RAM_IDSTR, instance_id, RAM_SECTION_VERSION, handlers)
     return handlers

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+import attrs
+
 from savevm.cli import build_config, common_options
 from savevm.cli.progress import human, print_table, watch
 from savevm.errors import ConfigError, MigrationError
@@ -38,6 +40,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="how the source finds dirty pages")
     d.add_argument("--corrupt-dest-page", type=int, default=None, help=argparse.SUPPRESS)
     d.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
+    d.add_argument("--mem-prealloc", action="store_true",
+                   help="the destination faults its memory in while it waits (savevm incoming --mem-prealloc)")
     common_options(d)
     d.set_defaults(func=cmd_demo)
 
@@ -48,7 +52,7 @@ def _registry(cfg: Any) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``savevm demo``: a destination process, this process as the source, and a check."""
-    cfg = build_config(args)
+    cfg = attrs.evolve(build_config(args), mem_prealloc=False)  # --mem-prealloc is the destination's
     scheme, _, address = args.uri.partition(":")
     if scheme not in ("tcp", "unix"):
         raise ConfigError("--uri", "the demo runs both ends at once: use tcp:HOST:PORT or unix:PATH")
@@ -62,6 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", f"size={args.size}",
                 "--guest-arg", f"blocks={args.blocks}", "--guest-arg", "role=destination",
                 "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "120"]
+    if args.mem_prealloc:
+        dest_cmd.append("--mem-prealloc")
     if args.corrupt_dest_page is not None:
         dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
     t_fill = time.monotonic()

@@ -32,6 +32,18 @@ if TYPE_CHECKING:
 
 #: compressBound(4096) for zlib
 COMPRESS_BOUND = 4110
+#: compress-level -> zlib-ng level, where zlib-ng's own level compresses less than zlib's.
+#: zlib-ng's level 1 is a different algorithm (deflate_quick: static Huffman codes only),
+#: faster and weaker than zlib's level 1: on English-like text it leaves 0.54 of a page where
+#: zlib leaves 0.42.  Its level 2 leaves 0.40, so compress-level 1 means zlib-ng level 2;
+#: at every other level zlib-ng shrinks text at least as much as zlib does
+#: (``benchmarks/bench_compress.py`` prints the table).
+ZLIB_NG_LEVEL = {1: 2, 9: 8}
+
+
+def zlib_ng_level(level: int) -> int:
+    """The zlib-ng level that compresses at least as well as zlib (QEMU) at ``compress-level``."""
+    return ZLIB_NG_LEVEL.get(level, level)
 #: pages per worker task
 BATCH = 32
 
@@ -68,7 +80,7 @@ class CompressCodec(PageCodec):
 
     def save_setup(self, rs: RAMState) -> None:
         p = rs.config.parameters
-        self.level = p.compress_level
+        self.level = zlib_ng_level(p.compress_level)
         self.threads = p.compress_threads
         self.pages = self.compressed_size = 0
         if self.threads > 1:
@@ -105,6 +117,19 @@ class CompressCodec(PageCodec):
         rate = (self.pages * PAGE_SIZE / self.compressed_size) if self.compressed_size else 0
         return {"compression": {"pages": self.pages, "busy": 0, "busy-rate": 0,
                                 "compressed-size": self.compressed_size, "compression-rate": round(rate, 3)}}
+
+    @staticmethod
+    def inflate_page(data: Any) -> bytes | None:
+        """One page's zlib stream -> its 4096 bytes, or None if it is not exactly one complete page.
+
+        The loader's fast path for runs of compressed pages; on None it falls
+        back to :meth:`load_page`, which raises with the record's offset.
+        """
+        try:
+            out = zlib_ng.decompress(data)
+        except zlib_ng.error:  # type: ignore[misc]  # zlib_ng.error is an exception class
+            return None
+        return out if len(out) == PAGE_SIZE else None
 
     def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:
         clen_off = f.pos

@@ -13,7 +13,7 @@ implementations, and the per-batch code only tests booleans.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from savevm.errors import PluginError
 
@@ -33,6 +33,7 @@ class RAMHooks:
         self.plugins = plugins
         #: which hooks have implementations (refreshed once per iteration)
         self.has_before = self.has_after = self.has_save_page = self.has_load_hook = False
+        self.has_block_memory = False
         self.refresh()
 
     def refresh(self) -> None:
@@ -45,6 +46,7 @@ class RAMHooks:
         self.has_after = bool(h.ram_control_after_iterate.get_hookimpls())
         self.has_save_page = bool(h.ram_control_save_page.get_hookimpls())
         self.has_load_hook = bool(h.ram_control_load_hook.get_hookimpls())
+        self.has_block_memory = bool(h.ram_block_memory.get_hookimpls())
 
     # ------------------------------------------------------------ source
     def before_iterate(self, rs: RAMState, f: QEMUFile, flags: int) -> None:
@@ -72,6 +74,12 @@ class RAMHooks:
             return None
         r: bool | None = self.plugins.pm.hook.ram_control_load_hook(rs=rs, f=f, flags=flags, data=data)
         return r
+
+    def block_memory(self, rs: RAMState, f: QEMUFile, block: RAMBlock) -> Any | None:
+        """``ram_block_memory``: a transport's memory for an owned block, or None."""
+        if not self.has_block_memory or self.plugins is None:
+            return None
+        return self.plugins.pm.hook.ram_block_memory(rs=rs, f=f, block=block)
 
     # ------------------------------------------------------------ codecs
     def page_codecs(self, config: MigrationConfig) -> list[PageCodec]:

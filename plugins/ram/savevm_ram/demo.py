@@ -11,6 +11,7 @@ pause and throttle the way a vCPU does under QEMU.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from typing import Any
@@ -46,6 +47,66 @@ class DemoDevice:
         return hashlib.sha256(repr(attrs.astuple(self)).encode()).hexdigest()
 
 
+def _rss() -> int:
+    """Resident bytes of this process (Linux), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+#: bytes of text generated per seed; larger memories repeat it, shifted
+TEXT_POOL = 16 << 20
+#: distinct words, and how often a token is a number or ends a sentence (and a line)
+TEXT_WORDS = 400
+TEXT_NUMBERS = 0.06
+TEXT_SENTENCE_END = 0.08
+
+
+def english_like_text(seed: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` of text shaped like English, as uint8: deterministic from ``seed``, vectorised.
+
+    A few hundred made-up words (letters drawn with English-like
+    frequencies) used with a Zipf distribution, numbers among them, capitals
+    after each full stop and a line per sentence: many distinct lines, so a
+    4 KiB page shrinks about as much as prose does.  zlib level 1 takes it to
+    about 0.42 of its size, per page (``benchmarks/bench_compress.py``), where
+    a repeated sentence would shrink 30-fold and measure nothing.  Built by
+    one numpy gather from a token table, about 0.1 s per 16 MiB.
+    """
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"etaoinshrdlcumwfgypbvkjxqz", dtype=np.uint8)
+    lp = 1.0 / np.arange(1, 27) ** 0.9
+    lp /= lp.sum()
+    words: list[bytes] = []
+    seen: set[bytes] = set()
+    while len(words) < TEXT_WORDS:
+        w = rng.choice(letters, int(rng.integers(2, 11)), p=lp).tobytes()
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    nums = [str(int(x)).encode() for x in rng.integers(0, 1_000_000, 4096)]
+    # token ids: word, word + full stop and newline, capitalised word, capitalised + stop, number
+    table = ([w + b" " for w in words] + [w + b".\n" for w in words] + [w.capitalize() + b" " for w in words]
+             + [w.capitalize() + b".\n" for w in words] + [n + b" " for n in nums])
+    lens = np.array([len(t) for t in table], dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    tab = np.frombuffer(b"".join(table), dtype=np.uint8)
+    m = nbytes // 5 + 64  # tokens average more than 5 bytes: enough for nbytes
+    zipf = 1.0 / np.arange(1, TEXT_WORDS + 1)
+    seq = rng.choice(TEXT_WORDS, m, p=zipf / zipf.sum())
+    end = rng.random(m) < TEXT_SENTENCE_END
+    cap = np.concatenate([[True], end[:-1]])
+    seq += TEXT_WORDS * (end.astype(np.int64) + 2 * cap)
+    num = (rng.random(m) < TEXT_NUMBERS) & ~end & ~cap
+    seq[num] = 4 * TEXT_WORDS + rng.integers(0, len(nums), int(num.sum()))
+    ln = lens[seq]
+    total = min(int(ln.sum()), nbytes)
+    idx = np.arange(total, dtype=np.int64) + np.repeat(starts[seq] - (np.cumsum(ln) - ln), ln)[:total]
+    return tab[idx]
+
+
 def _fill(buf: np.ndarray, how: str, seed: int) -> None:
     if how == "zero":
         return
@@ -57,11 +118,15 @@ def _fill(buf: np.ndarray, how: str, seed: int) -> None:
             buf[a : a + n] = np.frombuffer(rng.bytes(n), dtype=np.uint8)
         return
     if how == "text":
-        text = (b"savevm demo: the quick brown fox jumps over the lazy dog. " * 80)[:4096]
-        pat = np.frombuffer(text, dtype=np.uint8)
-        view = buf.reshape(-1, 4096)
-        view[:] = pat
-        view[::3, 1024:] = 0  # some sparsity, as real memory has
+        pool = english_like_text(seed, min(len(buf), TEXT_POOL))
+        # the pool repeats, shifted by an odd number of bytes each time, so no two pages are equal
+        # (pages are compressed one by one: only what is inside a page matters to the ratio)
+        for k, a in enumerate(range(0, len(buf), len(pool))):
+            n = min(len(pool), len(buf) - a)
+            shift = (k * 7919) % len(pool)
+            head = min(n, len(pool) - shift)
+            buf[a : a + head] = pool[shift : shift + head]
+            buf[a + head : a + n] = pool[: n - head]
         return
     raise ConfigError("--fill", f"expected random, text or zero, got {how!r}")
 
@@ -83,12 +148,15 @@ class DemoProgram:
         self.rate = parse_size(dirty_rate, "--dirty-rate")
         self.seed = int(seed)
         self.corrupt_page = None if corrupt_page in (None, "", "none") else int(corrupt_page)
-        self.buffers = [np.zeros(per, dtype=np.uint8) for _ in range(nblocks)]
-        if role == "source":
-            for i, b in enumerate(self.buffers):
-                _fill(b, fill, self.seed + i)
+        # memory the RAM plugin allocates (huge pages, nothing resident until written), read and
+        # written through the blocks, so a transport may move a block onto its own memory
         self.ram = savevm_ram.RAMList(
-            [savevm_ram.RAMBlock(f"demo.ram{i}", b, dirty=dirty) for i, b in enumerate(self.buffers)])  # type: ignore[arg-type]
+            [savevm_ram.RAMBlock.allocate(f"demo.ram{i}", per, dirty=dirty) for i in range(nblocks)])  # type: ignore[arg-type]
+        if role == "source":
+            for i, b in enumerate(self.ram):
+                _fill(b.host, fill, self.seed + i)
+        #: resident memory once the blocks exist, so report() can say what loading them cost
+        self.rss_start = _rss()
         self.device = DemoDevice(seed=self.seed, label=b"savevm-demo", label_len=11)
         self._paused = threading.Event()
         self._idle = threading.Event()
@@ -97,6 +165,11 @@ class DemoProgram:
         self._throttle = 0
         self._thread: threading.Thread | None = None
         self.pages_dirtied = 0
+
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        """The blocks' memory, in block order."""
+        return [b.host for b in self.ram]
 
     # ------------------------------------------------------------ Program
     def register(self, registry: Any) -> None:
@@ -125,7 +198,7 @@ class DemoProgram:
         self._paused.clear()
         if self.role == "destination" and self.corrupt_page is not None:
             # test hook: damage one page after the load, so verification must catch it
-            blk = self.buffers[0]
+            blk = self.ram[0].host
             p = self.corrupt_page % (len(blk) // 4096)
             blk[p * 4096] ^= 0xFF
 
@@ -181,5 +254,7 @@ class DemoProgram:
         return out
 
     def report(self) -> dict[str, Any]:
+        # resident memory first: hashing reads every page, which maps untouched ones (shared zero page)
+        growth = _rss() - self.rss_start
         return {"checksums": self.checksums(), "pages-dirtied": self.pages_dirtied,
-                "device-counter": self.device.counter}
+                "device-counter": self.device.counter, "rss-growth-bytes": growth}

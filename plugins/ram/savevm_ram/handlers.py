@@ -156,6 +156,8 @@ class RAMHandlers(SaveVMHandlers):
     def load_setup(self) -> None:
         """Fresh decoders from the plugins registered now (ram_load_setup)."""
         self.side = "destination"
+        # mem-prealloc without MADV_POPULATE_WRITE touches pages: it must end before pages arrive
+        self.ram.wait_prealloc(only_exclusive=True)
         self._counters = RAMCounters(total=self.ram.total_bytes)
         self._transport_state.clear()
         self.loader = RAMLoader(self, self.ram, self._counters, self.hooks,

@@ -13,7 +13,7 @@ migration: the narrow, documented part of the RAM section a plugin may use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from savevm.hookspecs import hookspec
 
@@ -103,6 +103,29 @@ def ram_control_load_hook(rs: RAMState, f: QEMUFile, flags: int, data: RAMBlock 
     :param flags: ``savevm_ram.wire.RAMControl.BLOCK_REG`` or ``.HOOK``.
     :param data: the block being registered (BLOCK_REG), else None.
     :return: True if handled, None if not yours.
+    """
+
+
+@hookspec(firstresult=True)
+def ram_block_memory(rs: RAMState, f: QEMUFile, block: RAMBlock) -> Any | None:
+    """Offer memory for a block the RAM plugin owns, before the stream writes into it.
+
+    Called on the destination while the MEM_SIZE block list is loaded, once
+    per block that :meth:`RAMBlock.allocate <savevm_ram.block.RAMBlock.allocate>`
+    made (``block.owned``: the demo program's blocks, ``RAMList(auto_create=True)``
+    blocks), just before ``ram_control_load_hook(BLOCK_REG)`` for that block.
+    A transport that writes pages straight into registered memory returns
+    that memory here, and the block moves onto it
+    (:meth:`~savevm_ram.block.RAMBlock.replace_memory`, which keeps the bytes),
+    so remote writes land in the block itself with no staging copy.  Blocks
+    over a program's own buffer are never offered: the program holds that
+    buffer.  Stops at the first non-None result.
+
+    :param rs: the RAM section of this migration.
+    :param f: the migration stream (readable); a transport answers only for its own channel.
+    :param block: the owned block, with its ``max_length`` and ``used_length`` from the stream.
+    :return: a writable buffer of at least ``block.max_length`` bytes that stays valid
+        for the block's lifetime, or None to leave the block's memory alone.
     """
 
 

@@ -4,9 +4,12 @@
 the last record named, the decoders by wire flag, and the third-party codecs
 the source announced.  Every record's block and offset are validated before
 a byte is written, so a corrupt stream can fail a migration but never write
-outside a block.  Runs of ``PAGE|CONTINUE`` and ``ZERO|CONTINUE`` records are
-parsed straight out of QEMUFile's 4 MiB staging buffer in a tight loop;
-anything else takes the general path.
+outside a block.  Runs of ``PAGE|CONTINUE``, ``ZERO|CONTINUE`` and
+``COMPRESS_PAGE|CONTINUE`` records are parsed straight out of QEMUFile's
+4 MiB staging buffer in a tight loop; anything else takes the general path.
+A zero page is written only where the block does not already read as zero,
+so zero pages loaded into fresh memory allocate nothing (QEMU's
+``is_zero_range`` check).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from savevm.errors import (
     VersionMismatchError,
 )
 from savevm_ram.fingerprint import block_fingerprints, digest, fingerprints
+from savevm_ram.pipeline import zero_pages
 from savevm_ram.wire import (
     FLAGS_MASK,
     PAGE_BITS,
@@ -61,9 +65,15 @@ _HOOK = int(Flag.HOOK)
 _EXT = int(Flag.SAVEVM_ENCODED)
 _CODECS = int(Flag.SAVEVM_CODECS)
 _PAGE_C = _PAGE | _CONT
+_COMPRESS_C = _COMPRESS | _CONT
+_unpack32 = struct.Struct(">I").unpack_from
+#: compressBound(4096): the longest COMPRESS_PAGE body the loader accepts
+_COMPRESS_BOUND = 4110
 _ZERO_C = _ZERO | _CONT
 _BE64_DT = np.dtype(">u8")
 _SHIFT = np.uint64(12)
+#: pages a run of ZERO records is checked in at a time (4 MiB of memory)
+_ZERO_SLICE = 1024
 
 
 class RAMLoader:
@@ -83,6 +93,9 @@ class RAMLoader:
         #: ``verify``: page fingerprints of what arrived, per block (None until the source asks)
         self.fps: dict[str, np.ndarray] | None = None
         self._fp_valid: dict[str, np.ndarray] = {}
+        comp = self._by_flag.get(_COMPRESS)
+        #: the compress codec's one-page inflate, for the fast path (None: general path only)
+        self.inflate = getattr(comp, "inflate_page", None)
         for c in codecs:
             c.load_setup(rs)
         hooks.refresh()
@@ -194,7 +207,10 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
                 counters.normal += 1
             elif kind == _ZERO:
                 fill = f.get_byte()
-                block.host[addr : addr + PAGE_SIZE] = fill
+                page = block.host[addr : addr + PAGE_SIZE]
+                # QEMU's is_zero_range check: writing zeros over zeros would fault in untouched memory
+                if fill or page.view(np.uint64).any():
+                    page[:] = fill
                 counters.duplicate += 1
             elif kind == _EXT:
                 cid_off = f.pos
@@ -275,6 +291,13 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 stride = PAGE_RECORD_SIZE
             elif fl == _ZERO_C:
                 stride = 9
+            elif fl == _COMPRESS_C and rs.inflate is not None:
+                done, need = _compressed_run(rs, buf, pos, block, used)
+                pos += done[0]
+                loaded += done[1]
+                if need or not done[1]:
+                    break
+                continue
             else:
                 break
             k = left // stride
@@ -292,6 +315,8 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 else:
                     host[addr : addr + PAGE_SIZE] = buf[pos + 8]
                     rs.counters.duplicate += 1
+                if rs.fps is not None:
+                    rs.note_pages(block, np.array([addr >> PAGE_BITS], dtype=np.intp))
                 pos += stride
                 loaded += 1
                 continue
@@ -322,8 +347,8 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                     pages2d[idx] = body
                 rs.counters.normal += k
             else:
-                fill = np.ndarray((k, 1), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride, 1))
-                pages2d[idx] = fill
+                fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
+                _apply_zero_run(pages2d, idx, fill)
                 rs.counters.duplicate += k
             if rs.fps is not None:
                 rs.note_pages(block, idx)
@@ -337,6 +362,85 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             break  # truncated: let the general path raise with the offset
     rs.counters.loaded_pages += loaded
     return block
+
+
+def _compressed_run(rs: RAMLoader, buf: memoryview, pos: int, block: RAMBlock,
+                    used: int) -> tuple[tuple[int, int], int]:
+    """COMPRESS_PAGE|CONTINUE records from the stage: ((bytes used, pages loaded), bytes needed).
+
+    Each record is a be64 header, a be32 length and a zlib stream, so they
+    are taken one by one, but without the general path's per-field calls.
+    Anything unusual (a length over compressBound, a page outside the block,
+    a stream that does not inflate to one page) stops the run, and the
+    general path reports that record with its offset.  ``bytes needed`` is
+    non-zero when the next record is incomplete in the stage.
+    """
+    inflate = rs.inflate
+    assert inflate is not None
+    mv = block.mv
+    avail = len(buf)
+    start = pos
+    n = 0
+    need = 0
+    while True:
+        left = avail - pos
+        if left < 8:
+            need = 8  # a chunk ends with EOS: at least a header must still come
+            break
+        v = _unpack(buf, pos)[0]
+        if v & FLAGS_MASK != _COMPRESS_C:
+            break
+        if left < 12:
+            need = 12
+            break
+        addr = v & PAGE_MASK
+        clen = _unpack32(buf, pos + 8)[0]
+        if addr + PAGE_SIZE > used or clen > _COMPRESS_BOUND:
+            break
+        if left < 12 + clen:
+            need = 12 + clen
+            break
+        page = inflate(buf[pos + 12 : pos + 12 + clen])
+        if page is None:
+            break
+        mv[addr : addr + PAGE_SIZE] = page
+        if rs.fps is not None:
+            rs.note_pages(block, np.array([addr >> PAGE_BITS], dtype=np.intp))
+        pos += 12 + clen
+        n += 1
+    rs.counters.encoded += n
+    return (pos - start, n), need
+
+
+def _apply_zero_run(pages2d: np.ndarray, idx: np.ndarray, fill: np.ndarray) -> None:
+    """Apply a run of ZERO records: write only pages that are not already what they should be.
+
+    QEMU's destination checks ``is_zero_range`` before its memset, and so do we:
+    reading memory that was never written maps the kernel's shared zero page
+    (no allocation), writing it faults in a fresh page.  So a destination that
+    receives zero pages into fresh memory scans instead of allocating, and its
+    resident memory does not grow.  Pages are checked in slices (views when the
+    run is contiguous, small gathered copies otherwise), never all at once.
+    """
+    k = len(idx)
+    contiguous = k == 1 or (int(idx[-1]) - int(idx[0]) == k - 1 and bool((np.diff(idx) == 1).all()))
+    for lo in range(0, k, _ZERO_SLICE):
+        hi = min(k, lo + _ZERO_SLICE)
+        sub = idx[lo:hi]
+        val = fill[lo:hi]
+        if not contiguous:
+            # a page named twice ends as its last record says: keep only that record
+            # (each record rewrites the whole page, so the earlier ones cannot matter)
+            rev, last = np.unique(sub[::-1], return_index=True)
+            if len(rev) < len(sub):
+                keep = len(sub) - 1 - last
+                sub, val = sub[keep], val[keep]
+        data = pages2d[int(sub[0]) : int(sub[0]) + len(sub)] if contiguous else pages2d[sub]
+        ok = zero_pages(data) & (val == 0)
+        if ok.all():
+            continue
+        bad = np.flatnonzero(~ok)
+        pages2d[sub[bad]] = val[bad, None]
 
 
 def _load_block_list(rs: RAMLoader, f: QEMUFile, total: int, off: int) -> None:
@@ -365,6 +469,10 @@ def _load_block_list(rs: RAMLoader, f: QEMUFile, total: int, off: int) -> None:
                 if isinstance(exc, StreamError):
                     raise
                 raise CorruptStreamError(str(exc), name_off) from exc
+        if block.owned:
+            memory = rs.hooks.block_memory(rs.rs, f, block)
+            if memory is not None:
+                block.replace_memory(memory)  # a transport's registered memory becomes the block's
         rs.hooks.load_hook(rs.rs, f, RAM_CONTROL_BLOCK_REG, block)
         remaining -= length
     rs.counters.total = total

@@ -1,0 +1,159 @@
+"""Fresh destination memory: zero pages that allocate nothing, mem-prealloc, owned blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import savevm
+from savevm.channels import memory_pipe
+from savevm.config import MigrationConfig
+from savevm_ram import RAMBlock, RAMList, register_ram
+from savevm_ram.memory import populate
+
+P = 4096
+MIB = 1 << 20
+HAVE_SMAPS = Path("/proc/self/smaps").exists()
+
+
+def resident(host: np.ndarray) -> int:
+    """Resident bytes of the mapping that holds ``host`` (from /proc/self/smaps)."""
+    addr = host.ctypes.data
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError("mapping not found")
+
+
+def transfer(src: RAMList, dst: RAMList, config: MigrationConfig | None = None) -> None:
+    """save_stream of ``src`` -> load_stream into ``dst`` through an in-memory stream."""
+    cfg = config or MigrationConfig()
+    out = savevm.SectionRegistry(cfg)
+    register_ram(out, src)
+    wch, rch = memory_pipe(max_buffered=256 << 20)
+    f = savevm.QEMUFile(wch, writable=True)
+    savevm.save_stream(f, out)
+    f.close()
+    inc = savevm.SectionRegistry(cfg)
+    register_ram(inc, dst)
+    savevm.load_stream(savevm.QEMUFile(rch), inc)
+
+
+def test_zero_pages_overwrite_stale_data() -> None:
+    """A zero record still clears a page that holds something (fast and general path alike)."""
+    src = np.zeros(300 * P, dtype=np.uint8)
+    src[5 * P] = 1  # breaks the zero run: the next zero record starts a new fast run
+    dst = np.random.default_rng(3).integers(1, 256, 300 * P, dtype=np.uint8)
+    transfer(RAMList([RAMBlock("m", src)]), RAMList([RAMBlock("m", dst)]))
+    assert np.array_equal(src, dst)
+
+
+def test_zero_pages_scattered_overwrite_stale_data() -> None:
+    """Zero records for scattered pages (not one contiguous run) clear exactly those pages."""
+    src = np.zeros(2048 * P, dtype=np.uint8).reshape(-1, P)
+    src[::3, 7] = 9  # every third page non-zero: zero records come in runs of two
+    dst = np.full_like(src, 0xAA)
+    transfer(RAMList([RAMBlock("m", src.reshape(-1))]), RAMList([RAMBlock("m", dst.reshape(-1))]))
+    assert np.array_equal(src, dst)
+
+
+@pytest.mark.skipif(not HAVE_SMAPS, reason="needs /proc/self/smaps (Linux) to see what is resident")
+def test_zero_pages_into_fresh_memory_allocate_nothing() -> None:
+    """QEMU's is_zero_range check: zero pages loaded into untouched memory leave it untouched."""
+    size = 64 * MIB
+    src = np.zeros(size, dtype=np.uint8)
+    src[size // 2 : size // 2 + P] = 7  # one real page, so the block is not entirely skipped
+    dst = RAMBlock.allocate("m", size)
+    assert resident(dst.host) == 0
+    transfer(RAMList([RAMBlock("m", src)]), RAMList([dst]))
+    assert np.array_equal(src, dst.host)
+    assert resident(dst.host) <= 4 * MIB  # the one written page (a huge page at most), not 64 MiB
+
+
+def test_allocated_block_is_zero_and_owned() -> None:
+    b = RAMBlock.allocate("a", 10 * P, used_length=8 * P)
+    assert b.owned and b.max_length == 10 * P and b.used_length == 8 * P
+    assert not b.host.any()
+    assert not RAMBlock("b", bytearray(P)).owned
+
+
+def test_replace_memory_keeps_the_bytes() -> None:
+    b = RAMBlock.allocate("a", 64 * P)
+    b.host[3 * P + 5] = 1
+    b.host[40 * P] = 2
+    new = bytearray(64 * P)
+    b.replace_memory(new)
+    assert new[3 * P + 5] == 1 and new[40 * P] == 2
+    b.write(0, b"x")
+    assert new[0] == ord("x")
+
+
+def test_replace_memory_refused_for_program_memory_and_small_buffers() -> None:
+    with pytest.raises(savevm.RegistrationError, match="only a block the RAM plugin allocated"):
+        RAMBlock("a", bytearray(P)).replace_memory(bytearray(P))
+    with pytest.raises(savevm.RegistrationError, match="must be writable and hold"):
+        RAMBlock.allocate("a", 2 * P).replace_memory(bytearray(P))
+    with pytest.raises(savevm.RegistrationError, match="read-only"):
+        RAMBlock.allocate("a", P).replace_memory(bytes(P))
+
+
+@pytest.mark.skipif(not HAVE_SMAPS, reason="needs /proc/self/smaps (Linux) to see what is resident")
+def test_mem_prealloc_faults_in_without_changing_bytes() -> None:
+    b = RAMBlock.allocate("a", 16 * MIB)
+    b.host[P + 1] = 5
+    ram = RAMList([b], mem_prealloc=True)
+    assert ram.wait_prealloc(30)
+    assert resident(b.host) >= 16 * MIB
+    assert b.host[P + 1] == 5 and int(np.count_nonzero(b.host)) == 1
+
+
+@pytest.mark.skipif(not HAVE_SMAPS, reason="needs /proc/self/smaps (Linux) to see what is resident")
+def test_mem_prealloc_from_config_and_for_blocks_added_later() -> None:
+    ram = RAMList([RAMBlock.allocate("a", 4 * MIB)])
+    reg = savevm.SectionRegistry(MigrationConfig(mem_prealloc=True))
+    register_ram(reg, ram)
+    late = ram.add(RAMBlock.allocate("b", 2 * MIB))
+    assert ram.wait_prealloc(30)
+    assert resident(ram.find("a").host) >= 4 * MIB  # type: ignore[union-attr]
+    assert resident(late.host) >= 2 * MIB
+
+
+@pytest.mark.skipif(not HAVE_SMAPS, reason="needs /proc/self/smaps (Linux) to see what is resident")
+def test_mem_prealloc_on_an_empty_list_covers_blocks_added_later() -> None:
+    ram = RAMList(mem_prealloc=True)
+    b = ram.add(RAMBlock.allocate("a", 2 * MIB))
+    assert ram.wait_prealloc(30)
+    assert resident(b.host) >= 2 * MIB
+
+
+def test_mem_prealloc_load_is_correct() -> None:
+    """A load may run while prealloc still faults pages in: populate never changes a byte."""
+    src = np.random.default_rng(5).integers(0, 256, 32 * MIB, dtype=np.uint8)
+    dst = RAMList([RAMBlock.allocate("m", 32 * MIB)], mem_prealloc=True)
+    transfer(RAMList([RAMBlock("m", src)]), dst)
+    assert np.array_equal(src, dst[0].host)
+
+
+def test_populate_reports_what_it_did() -> None:
+    b = RAMBlock.allocate("a", 4 * MIB)
+    assert populate(b.host, 0, 4 * MIB) in (True, False)  # False only on kernels without the advice
+    assert populate(b.host, 0, 0) is False
+    assert not b.host.any()
+
+
+def test_mem_prealloc_config_key_and_cli_flag() -> None:
+    from savevm.cli import build_config, make_parser
+
+    assert MigrationConfig.from_dict({"mem-prealloc": True}).mem_prealloc
+    assert MigrationConfig().as_dict()["mem-prealloc"] is False
+    args = make_parser().parse_args(["incoming", "tcp:127.0.0.1:0", "--guest", "m:f", "--mem-prealloc"])
+    assert build_config(args).mem_prealloc
+    args = make_parser().parse_args(["incoming", "tcp:127.0.0.1:0", "--guest", "m:f"])
+    assert not build_config(args).mem_prealloc
