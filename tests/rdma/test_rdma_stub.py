@@ -312,3 +312,19 @@ def test_transport_swapped_by_config_alone() -> None:
         savevm.MigrationConfig.from_dict({"transports": ["tcp"]})
     with pytest.raises(savevm.URIError, match="routed to 'nope'"):
         savevm.PluginHost(savevm.MigrationConfig.from_dict({"transports": {"tcp": "nope"}})).get_transport("tcp")
+
+
+def test_rdma_checks_the_region_size_before_mapping() -> None:
+    """A savevm-rdma memfd smaller than header + block: refused, nothing written."""
+    from savevm_rdma_stub.plugin import HEADER, MEMFD_NAME
+
+    fd = os.memfd_create(MEMFD_NAME)
+    os.ftruncate(fd, HEADER + N - 4096)
+    try:
+        mig = _against_fake_destination(lambda token: {
+            "blocks": [{"idstr": "a", "length": N, "pid": os.getpid(), "fd": fd, "direct": True}],
+            "token": token.hex()}, _src_memory(5))
+        assert "region holds" in str(mig.error)
+        assert not any(os.pread(fd, HEADER + N, 0))
+    finally:
+        os.close(fd)
