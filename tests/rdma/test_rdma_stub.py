@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -45,6 +46,7 @@ def _destination(conn: Any, shm_backed: bool) -> None:
     shm = None
     if shm_backed:
         shm = shared_memory.SharedMemory(create=True, size=N)
+        shm.unlink()  # the mapping is all the test needs: no name left in /dev/shm, whatever happens
         a = savevm_ram.RAMBlock("a", shm)
     else:
         a = savevm_ram.RAMBlock("a", np.zeros(N, dtype=np.uint8))
@@ -56,8 +58,8 @@ def _destination(conn: Any, shm_backed: bool) -> None:
     conn.send((st.status, st.stream_bytes, sums, h.counters.loaded_pages))
     if shm is not None:
         del a, reg, h, inc
-        shm.close()
-        shm.unlink()
+        with contextlib.suppress(BufferError):  # a view may still be alive; the name is gone already
+            shm.close()
 
 
 @pytest.mark.parametrize("shm_backed", [False, True], ids=["numpy", "shared-memory"])
@@ -312,3 +314,19 @@ def test_transport_swapped_by_config_alone() -> None:
         savevm.MigrationConfig.from_dict({"transports": ["tcp"]})
     with pytest.raises(savevm.URIError, match="routed to 'nope'"):
         savevm.PluginHost(savevm.MigrationConfig.from_dict({"transports": {"tcp": "nope"}})).get_transport("tcp")
+
+
+def test_rdma_checks_the_region_size_before_mapping() -> None:
+    """A savevm-rdma memfd smaller than header + block: refused, nothing written."""
+    from savevm_rdma_stub.plugin import HEADER, MEMFD_NAME
+
+    fd = os.memfd_create(MEMFD_NAME)
+    os.ftruncate(fd, HEADER + N - 4096)
+    try:
+        mig = _against_fake_destination(lambda token: {
+            "blocks": [{"idstr": "a", "length": N, "pid": os.getpid(), "fd": fd, "direct": True}],
+            "token": token.hex()}, _src_memory(5))
+        assert "region holds" in str(mig.error)
+        assert not any(os.pread(fd, HEADER + N, 0))
+    finally:
+        os.close(fd)
