@@ -926,8 +926,8 @@ class Incoming(MigrationBase):
         while lst is not None and not self._done.is_set():
             try:
                 extra = lst.accept(0.25)
-            except ChannelError:
-                if self._listener_closed:
+            except (ChannelError, OSError, ValueError):  # a timeout, or the listener closed under us
+                if self._listener_closed or self._done.is_set():
                     return
                 continue
             self._inspect_extra(extra)
