@@ -781,6 +781,8 @@ class Incoming(MigrationBase):
         self._watcher: threading.Thread | None = None
         self._listener_closed = False
         self._extra_error: MigrationError | None = None
+        #: cancel() was called: whatever error ends the load, it ends as cancelled
+        self._cancelled = False
         self.runstate = RunState.INMIGRATE
         self.bound_fired: str | None = None
         #: a vmdesc describing device sections this side does not model (e.g. a real QEMU
@@ -992,7 +994,7 @@ class Incoming(MigrationBase):
                                   "the program stays paused here")
 
     def _fail(self, exc: BaseException) -> None:
-        if getattr(self, "_cancelled", False) and not isinstance(exc, MigrationCancelled):
+        if self._cancelled and not isinstance(exc, MigrationCancelled):
             err: MigrationError = MigrationCancelled(f"incoming migration cancelled ({exc})")
             err.__cause__ = exc
         elif self._extra_error is not None:
