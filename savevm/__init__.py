@@ -22,6 +22,7 @@ from savevm.errors import (
     MigrationCancelled,
     MigrationError,
     MigrationFailed,
+    MigrationStalled,
     PageRangeError,
     PluginError,
     RegistrationError,
@@ -47,9 +48,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BadMagicError", "ChannelError", "ConfigError", "ConfigurationMismatchError", "CorruptStreamError",
     "FooterMismatchError", "Guest", "LoadResult", "MigrationCancelled", "MigrationConfig", "MigrationError",
-    "MigrationFailed", "MigrationParameters", "NullGuest", "PageRangeError", "PluginError", "PluginHost",
-    "QEMUFile", "RegistrationError", "SaveContext", "SaveVMHandlers", "SectionEntry", "SectionRegistry", "StreamError",
-    "StreamLoader", "StreamWriter", "TrailingDataError", "TruncatedStreamError", "URIError",
+    "MigrationFailed", "MigrationParameters", "MigrationStalled", "NullGuest", "PageRangeError", "PluginError",
+    "PluginHost", "QEMUFile", "RegistrationError", "SaveContext", "SaveVMHandlers", "SectionEntry", "SectionRegistry",
+    "StreamError", "StreamLoader", "StreamWriter", "TrailingDataError", "TruncatedStreamError", "URIError",
     "UnknownSectionError", "VersionMismatchError", "hookimpl", "hookspec", "load_stream", "restore",
     "save_stream", "snapshot",
 ]

@@ -118,6 +118,77 @@ def check_xbzrle_cache_size(value: Any, page_size: int = PAGE_SIZE) -> int:
     raise ConfigError("xbzrle-cache-size", f"{rule}; got {size}; {hint}")
 
 
+def _one_of(*choices: str) -> Callable[[Any, attrs.Attribute, str], None]:
+    def check(_inst: Any, attr: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ConfigError(attr.metadata["qemu"], f"expected {' or '.join(choices)}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class DowntimeRamp:
+    """``x-downtime-ramp``: the downtime limit a migration that does not converge is allowed, over time.
+
+    Written ``START:STEP:CEILING:INTERVAL`` in milliseconds (``300:100:2000:5000``):
+    the limit starts at START and, once the first full pass over memory is
+    done, rises by STEP every INTERVAL that the migration keeps iterating,
+    never above CEILING.  An empty string (the default) or ``off`` means no
+    ramp: ``downtime-limit`` holds throughout.
+    """
+
+    start: int
+    step: int
+    ceiling: int
+    interval: int
+
+    def limit_after(self, elapsed_ms: float) -> int:
+        """The limit ``elapsed_ms`` after the ramp's clock started."""
+        steps = int(max(elapsed_ms, 0) // self.interval)
+        return min(self.start + steps * self.step, self.ceiling)
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.step}:{self.ceiling}:{self.interval}"
+
+
+#: Bounds of the ramp's fields, in ms (the ceiling shares downtime-limit's range).
+_RAMP_MAX = 2_000_000
+_RAMP_MIN_INTERVAL = 100
+
+
+def parse_downtime_ramp(value: str) -> DowntimeRamp | None:
+    """``"300:100:2000:5000"`` -> a :class:`DowntimeRamp`; ``""`` or ``"off"`` -> None."""
+    key = "x-downtime-ramp"
+    text = str(value).strip().lower()
+    if text in ("", "off", "none"):
+        return None
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise ConfigError(key, f"expected START:STEP:CEILING:INTERVAL in ms, e.g. 300:100:2000:5000, got {value!r}")
+    try:
+        start, step, ceiling, interval = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(key, f"expected four whole numbers of ms (START:STEP:CEILING:INTERVAL), got {value!r}") \
+            from None
+    if not 0 <= start <= ceiling <= _RAMP_MAX:
+        raise ConfigError(key, f"need 0 <= START ({start}) <= CEILING ({ceiling}) <= {_RAMP_MAX} ms")
+    if step <= 0:
+        raise ConfigError(key, f"STEP must be at least 1 ms, got {step}")
+    if not _RAMP_MIN_INTERVAL <= interval <= 3_600_000:
+        raise ConfigError(key, f"INTERVAL must be between {_RAMP_MIN_INTERVAL} and 3600000 ms, got {interval}")
+    return DowntimeRamp(start, step, ceiling, interval)
+
+
+def _ramp_check(_inst: Any, _attr: attrs.Attribute, value: str) -> None:
+    parse_downtime_ramp(value)
+
+
+#: ``x-pending-estimate``: how the stop rule counts what is left (see savevm.convergence).
+PENDING_ESTIMATES = ("wire", "qemu")
+#: ``x-stall-policy``: what a stalled migration does (see savevm.convergence).
+STALL_POLICIES = ("throttle", "continue", "fail")
+
+
 def _names(names: Iterable[str]) -> frozenset[str]:
     return frozenset(names)
 
@@ -160,6 +231,21 @@ class MigrationParameters:
     x_switchover_timeout: int = _p("x-switchover-timeout", 5_000, "int", _in_range(100, 3_600_000))
     #: the source's connect to the destination
     x_connect_timeout: int = _p("x-connect-timeout", 10_000, "int", _in_range(100, 3_600_000))
+    # savevm's convergence controls (savevm.convergence, docs/convergence.md)
+    #: what the stop rule compares with bandwidth x downtime-limit: "wire", the bytes the pending pages are
+    #: expected to cost on the wire (XBZRLE deltas, zero pages, compressed pages as measured), or "qemu",
+    #: QEMU's dirty pages x page size
+    x_pending_estimate: str = _p("x-pending-estimate", "wire", "str", _one_of(*PENDING_ESTIMATES))
+    #: START:STEP:CEILING:INTERVAL (ms): raise the downtime limit while the migration does not converge
+    x_downtime_ramp: str = _p("x-downtime-ramp", "", "str", _ramp_check)
+    #: passes over dirty memory in a row that must each fail to bring the pending wire bytes
+    #: x-stall-reduction percent below the best so far before the migration counts as stalled
+    x_stall_iterations: int = _p("x-stall-iterations", 20, "int", _in_range(1, 1_000_000))
+    #: percent by which the pending wire bytes must fall below the best so far to count as progress
+    x_stall_reduction: int = _p("x-stall-reduction", 10, "int", _in_range(0, 100))
+    #: what a stalled migration does: "throttle" (start auto-converge even if the capability is off),
+    #: "continue" (only the migration_stalled event), "fail" (cancel: the source resumes)
+    x_stall_policy: str = _p("x-stall-policy", "throttle", "str", _one_of(*STALL_POLICIES))
     #: TLS (QEMU's names): a directory laid out as QEMU's tls-creds-x509 expects; "" = no TLS
     tls_creds: str = _p("tls-creds", "", "str")
     #: the name the source checks the destination's certificate against (default: the URI's host)
@@ -182,6 +268,11 @@ class MigrationParameters:
     def as_qmp(self) -> dict[str, Any]:
         """Shaped like ``query-migrate-parameters``."""
         return {q: getattr(self, a.name) for q, a in self.names().items()}
+
+    @property
+    def downtime_ramp(self) -> DowntimeRamp | None:
+        """``x-downtime-ramp`` parsed (it was validated when set)."""
+        return parse_downtime_ramp(self.x_downtime_ramp)
 
 
 def convert_parameter(name: str, value: Any) -> Any:

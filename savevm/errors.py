@@ -101,3 +101,7 @@ class MigrationCancelled(MigrationError):
 
 class MigrationFailed(MigrationError):
     """The migration failed; ``__cause__`` holds the underlying error."""
+
+
+class MigrationStalled(MigrationFailed):
+    """The migration stopped making progress and ``x-stall-policy`` is ``fail``: the source keeps running."""

@@ -25,6 +25,10 @@ def _ignore_period(dirty_bytes: int, transferred_bytes: int) -> None:
     """No migration is listening (a snapshot): dirty-rate periods mean nothing."""
 
 
+def _ignore_sync(seconds: float, pass_done: bool) -> None:
+    """No migration is listening (a snapshot): passes over dirty memory mean nothing."""
+
+
 @attrs.frozen
 class SaveContext:
     """What the migration tells a live section at ``save_setup``.
@@ -39,6 +43,12 @@ class SaveContext:
     on_dirty_period: Callable[[int, int], None] = _ignore_period
     #: Identifies the migration in logs (empty for a snapshot).
     migration_id: str = ""
+    #: Call after every dirty-state sync with the seconds it took and whether a pass over dirty memory
+    #: ended since the last one (the section went through everything that was dirty; a sync in
+    #: mid-pass continues the same pass).  The pause starts with one more sync, which the stop rule
+    #: budgets; stall detection and the downtime ramp count passes, not loop iterations, because
+    #: within a pass what is pending only falls.
+    on_sync: Callable[[float, bool], None] = _ignore_sync
 
 
 class SaveVMHandlers:
@@ -74,6 +84,27 @@ class SaveVMHandlers:
     def save_live_pending(self, threshold: int) -> int:
         """Bytes still to send.  May re-sync dirty state when below ``threshold``."""
         return 0
+
+    def save_live_pending_wire(self, threshold: int) -> int:
+        """Bytes what is pending is expected to cost *on the wire*; may re-sync when below ``threshold``.
+
+        The stop rule compares this with ``bandwidth x downtime-limit``
+        (``x-pending-estimate=wire``): a section whose pages travel as small
+        deltas or compressed reports what they will cost, not their size in
+        memory.  The default is the raw figure, :meth:`save_live_pending`.
+        Called with a threshold of 0 it must not re-sync (the migration then
+        only wants the figure for its statistics).
+        """
+        return self.save_live_pending(threshold)
+
+    def save_live_sent_by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (pages, bytes)}`` sent so far in this migration, cumulative.
+
+        Kinds are the section's own words (the RAM section: ``zero``,
+        ``normal``, each codec's name, ``transport``); the migration turns the
+        differences into its per-iteration records.  Default: nothing to say.
+        """
+        return {}
 
     def save_cleanup(self) -> None:
         """Free source-side resources after the migration ends, whatever the outcome."""

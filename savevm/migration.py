@@ -2,9 +2,11 @@
 
 :class:`Migration` is QEMU's ``migration_thread``: set up every live
 section, then iterate while the program keeps running, measuring bandwidth
-over 100 ms windows (:mod:`savevm.convergence`); once what is pending fits in
-``bandwidth × downtime-limit`` it pauses the program, completes live
-sections, sends the devices, EOF and the vmdesc, and hands over.
+over 100 ms windows (:mod:`savevm.convergence`); once what is pending (by
+default its expected cost on the wire) fits in ``bandwidth × downtime-limit``
+it pauses the program, completes live sections, sends the devices, EOF and
+the vmdesc, and hands over.  Every iteration leaves one record
+(:attr:`Migration.records`).
 
 :class:`Incoming` is ``process_incoming_migration``: accept one stream,
 load it strictly, and run the program only when the handover says so.
@@ -41,7 +43,7 @@ import structlog
 from savevm.channels import listen as listen_uri
 from savevm.channels import open_channel
 from savevm.config import MigrationConfig
-from savevm.convergence import Convergence
+from savevm.convergence import Convergence, IterationRecord
 from savevm.errors import (
     ChannelError,
     CorruptStreamError,
@@ -318,6 +320,15 @@ class Migration(MigrationBase):
         self._final_stats: dict[str, Any] | None = None
 
     # ------------------------------------------------------------ public API
+    @property
+    def records(self) -> list[IterationRecord]:
+        """The canonical per-iteration records so far (the ``migration_iteration`` events), oldest first.
+
+        Once :meth:`wait` has returned for a completed migration, the last
+        one has ``stage == "complete"`` and the measured downtime.
+        """
+        return list(self.convergence.records)
+
     def start(self) -> None:
         """Start the migration thread (returns at once)."""
         if self._thread is not None:
@@ -407,6 +418,8 @@ class Migration(MigrationBase):
             ram = dict(ram)
             if self.state == MigrationState.COMPLETED:
                 ram["remaining"] = 0
+                if "pending-wire-bytes" in ram:
+                    ram["pending-wire-bytes"] = 0
                 tt = max(st.total_time or 1, 1)
                 ram["mbps"] = round(ram["transferred"] * 8 / tt / 1000, 3)
             else:
@@ -420,6 +433,8 @@ class Migration(MigrationBase):
         st.cpu_throttle_percentage = self.convergence.throttle_percentage
         if self.convergence.max_throttle_percentage:
             st.extra["cpu-throttle-percentage-max"] = self.convergence.max_throttle_percentage
+        if self._t_start:
+            st.extra["convergence"] = self.convergence.query()
         st.iterations = self.iterations
         if self._f is not None:
             st.stream_bytes = self._f.pos
@@ -438,7 +453,8 @@ class Migration(MigrationBase):
             known = set(MigrationStats().as_qmp()) | {"total-time", "expected-downtime", "downtime", "setup-time",
                                                      "ram", "xbzrle-cache", "compression",
                                                      "cpu-throttle-percentage", "error-desc", "iterations",
-                                                     "stream-bytes", "runstate", "bound-fired", "verify", "transport"}
+                                                     "stream-bytes", "runstate", "bound-fired", "verify", "transport",
+                                                     "convergence"}
             st.extra.update({k: v for k, v in info.items() if k not in known})
         return st
 
@@ -523,7 +539,7 @@ class Migration(MigrationBase):
         w.header()
         self._open_return_path(w, f)
         conv = self.convergence
-        w.setup(SaveContext(on_dirty_period=conv.dirty_period, migration_id=self.id))
+        w.setup(SaveContext(on_dirty_period=conv.dirty_period, migration_id=self.id, on_sync=conv.on_sync))
         self._check_cancel()
         self.setup_time = int((time.monotonic() - self._t_start) * 1000)
         if not self._set_state(MigrationState.ACTIVE, MigrationState.SETUP):
@@ -532,25 +548,28 @@ class Migration(MigrationBase):
         # a max-bandwidth set after the stream was opened but before it was published in _f
         f.set_rate_limit(self.config.parameters.max_bandwidth)
         f.reset_rate_limit()
-        conv.start(f.pos)
+        conv.start(f.pos, self._t_start)
         while True:
             self._check_cancel()
             f.check_error()
-            pending = w.pending(conv.threshold_size)
+            pending = w.pending_estimate(conv.threshold_size, self.config.parameters.x_pending_estimate)
             if conv.should_iterate(pending):
                 w.iterate()
                 self.iterations += 1
             else:
-                self.log.info("migration_completion", pending=pending, threshold=conv.threshold_size,
-                              iterations=self.iterations)
+                self.log.info("migration_completion", pending=pending.ram, pending_wire=pending.wire,
+                              estimate=pending.estimate, threshold=conv.threshold_size, iterations=self.iterations)
                 self._complete(w, f)
+                conv.record(self.iterations + 1, w.sent_by_kind(), stage="complete", downtime=self.downtime)
                 return
             # migration_rate_limit + migration_update_counters, once per loop
             f.rate_limit_wait()
             rp = self._rp
             if rp is not None and rp.progress is not None:
                 conv.destination_progress(f.pos, rp.progress[0], rp.progress[3])
+                conv.pace(f.pos, rp)
             conv.update(f.pos, pending)
+            conv.record(self.iterations, w.sent_by_kind())
 
     def _open_return_path(self, w: StreamWriter, f: QEMUFile) -> None:
         """OPEN_RETURN_PATH and the negotiation PING, as QEMU sends them, on a channel that can answer."""

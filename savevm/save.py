@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from savevm import vmstate
+from savevm.convergence import Pending
 from savevm.errors import MigrationError
 from savevm.format import (
     QEMU_VM_FILE_MAGIC,
@@ -118,6 +119,36 @@ class StreamWriter:
             assert e.handlers is not None
             total += e.handlers.save_live_pending(threshold)
         return total
+
+    def pending_estimate(self, threshold: int, estimate: str = "wire") -> Pending:
+        """What all live sections still have to send, as RAM bytes and as expected wire bytes.
+
+        Only the figure the stop rule uses (``estimate``: ``wire`` or
+        ``qemu``) is asked with ``threshold``, so a section re-syncs its
+        dirty state on that figure alone; the other is read with a
+        threshold of 0, which never syncs.
+        """
+        ram = wire = 0
+        for e in self.registry.live():
+            h = e.handlers
+            assert h is not None
+            if estimate == "qemu":
+                ram += h.save_live_pending(threshold)
+                wire += h.save_live_pending_wire(0)
+            else:
+                wire += h.save_live_pending_wire(threshold)
+                ram += h.save_live_pending(0)
+        return Pending(ram, wire, estimate)
+
+    def sent_by_kind(self) -> dict[str, tuple[int, int]]:
+        """``{kind: (pages, bytes)}`` every live section sent so far, summed by kind."""
+        out: dict[str, tuple[int, int]] = {}
+        for e in self.registry.live():
+            assert e.handlers is not None
+            for kind, (n, b) in e.handlers.save_live_sent_by_kind().items():
+                n0, b0 = out.get(kind, (0, 0))
+                out[kind] = (n0 + n, b0 + b)
+        return out
 
     def complete_precopy(self) -> None:
         """END of live sections, FULL device sections, EOF and vmdesc (program paused)."""

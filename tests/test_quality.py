@@ -90,6 +90,9 @@ PLUGIN_IMPORTS_ALLOWED = {("savevm_xbzrle", "savevm_ram"), ("savevm_rdma_stub", 
 #: core modules that adapt the CLI to the RAM plugin: they may import it, inside functions only,
 #: and must say what to install when it is missing (checked by test_core_cli_without_plugins)
 CORE_CLI_ADAPTERS = {"savevm/cli/qemu_guest.py", "savevm/cli/analyze.py", "savevm/cli/rewrite.py"}
+#: optional extras: module -> {third-party module it may import, inside functions only: the extra that declares it}
+#: (each must say what to install when it is missing: checked by test_optional_extra_says_what_to_install)
+OPTIONAL_EXTRA_IMPORTS = {"savevm/cli/plot.py": {"matplotlib": "plot"}}
 
 
 def _package_files(pkg: str) -> list[Path]:
@@ -136,10 +139,18 @@ def test_layering_rules() -> None:
     assert not bad, "\n".join(bad)
 
 
+def _names_of(deps: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].strip().lower().replace("_", "-") for d in deps}
+
+
 def _declared(pyproject: Path) -> set[str]:
     data = tomllib.loads(pyproject.read_text())
-    deps = data["project"].get("dependencies", [])
-    return {re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].strip().lower().replace("_", "-") for d in deps}
+    return _names_of(data["project"].get("dependencies", []))
+
+
+def _extra(pyproject: Path, extra: str) -> set[str]:
+    data = tomllib.loads(pyproject.read_text())
+    return _names_of(data["project"].get("optional-dependencies", {}).get(extra, []))
 
 
 def _distribution_of(module: str) -> str | None:
@@ -161,6 +172,13 @@ def test_each_distribution_declares_what_it_imports(pkg: str) -> None:
             rel = str(p.relative_to(ROOT))
             if pkg == "savevm" and rel in CORE_CLI_ADAPTERS and in_func and mod in PLUGIN_PACKAGES:
                 continue  # optional, with a clear message when missing (see test_layering_rules)
+            extra = OPTIONAL_EXTRA_IMPORTS.get(rel, {}).get(mod)
+            if extra is not None:
+                d = _distribution_of(mod) or mod
+                assert in_func, f"{rel}:{line}: {mod} belongs to the {extra!r} extra: import it inside a function"
+                assert d in _extra(folder / "pyproject.toml", extra), \
+                    f"{rel}:{line}: {mod} ({d}) is not declared in the {extra!r} extra of {dist}"
+                continue
             imported.setdefault(mod, f"{rel}:{line}")
     missing = {}
     for mod, where in imported.items():
@@ -171,6 +189,28 @@ def test_each_distribution_declares_what_it_imports(pkg: str) -> None:
     assert not missing, f"{dist} imports undeclared distributions: {missing}"
     unused = declared - {_distribution_of(m) for m in imported}
     assert not unused, f"{dist} declares dependencies it never imports: {sorted(unused)}"
+
+
+def test_optional_extra_says_what_to_install(tmp_path: Path) -> None:
+    """Without matplotlib, ``--plot`` names the extra before any migration starts; nothing else needs it."""
+    block = ("import sys\n"
+             "sys.modules['matplotlib'] = None\n"
+             "from savevm.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["migrate", "tcp:127.0.0.1:1", "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", "size=64K",
+            "--plot", str(tmp_path / "p.png")]
+    r = subprocess.run([sys.executable, "-c", block, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "Traceback" not in out and "pip install 'savevm[plot]'" in out, out
+    assert not (tmp_path / "p.png").exists()
+    r = subprocess.run([sys.executable, "-c", block, "demo", "--size", "64K", "--plot", str(tmp_path / "p.png")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "pip install 'savevm[plot]'" in r.stdout + r.stderr, r.stdout + r.stderr
+    for rel in OPTIONAL_EXTRA_IMPORTS:
+        for mod, _line, in_func in _imports(ROOT / rel):
+            if mod in OPTIONAL_EXTRA_IMPORTS[rel]:
+                assert in_func, f"{rel} imports {mod} at module level"
 
 
 def test_core_cli_without_plugins(tmp_path: Path) -> None:

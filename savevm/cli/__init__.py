@@ -137,6 +137,9 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     m.add_argument("uri", help="tcp:HOST:PORT, unix:PATH, file:PATH, exec:CMD, fd:N")
     m.add_argument("--guest", required=True, help="MODULE:CALLABLE returning the program")
     m.add_argument("--guest-arg", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--plot", metavar="FILE.png",
+                   help="draw the per-iteration records (pending, sent by kind, downtime, throttle) into a PNG "
+                        "(needs matplotlib: pip install 'savevm[plot]')")
     migration_options(m)
     common_options(m)
     m.set_defaults(func=_run("cmd_migrate"))

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from savevm.cli import build_config, load_program
+from savevm.cli.plot import require_matplotlib, write_plot
 from savevm.cli.progress import cancelled_line, human, print_table, report, watch, watch_incoming
 from savevm.errors import ConfigError, MigrationError
 from savevm.migration import Incoming, Migration, MigrationState
@@ -47,6 +48,8 @@ def _finish(side: str, args: argparse.Namespace, stats: dict[str, Any], guest: d
 def cmd_migrate(args: argparse.Namespace) -> int:
     """``savevm migrate URI --guest MOD:CALLABLE``."""
     cfg = build_config(args)
+    if args.plot:
+        require_matplotlib()  # before anything moves
     reg = _registry(cfg)
     prog = load_program(args.guest, args.guest_arg)
     prog.register(reg)
@@ -67,6 +70,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if hasattr(prog, "stop"):
             prog.stop()
     guest = prog.report() if hasattr(prog, "report") and st.status == "completed" else None
+    if args.plot:
+        write_plot(mig.records, args.plot, "savevm migrate", st.as_qmp())
     return _finish("source", args, st.as_qmp(), guest, "savevm migrate", st, interrupted=interrupted)
 
 

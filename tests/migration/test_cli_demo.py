@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from migration_helpers import ChildProcess, Session
@@ -83,3 +84,19 @@ def test_demo_plain_output_in_a_pipe(session: Session) -> None:
     assert "savevm demo:" in err  # the intro line
     assert "[" in err and "transferred" in err  # plain progress lines, no terminal codes
     assert "\x1b[" not in out + err
+
+
+@pytest.mark.slow
+def test_demo_sparse_working_set_with_plot(session: Session, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed (pip install 'savevm[plot]')")
+    png = tmp_path / "demo.png"
+    c = session.savevm("demo", "--size", "16M", "--working-set", "4M", "--dirty-pattern", "sparse",
+                       "--capability", "xbzrle", "--plot", str(png), "--json", name="demo")
+    rc, out = _run(c)
+    rep = _report(out, c)
+    assert rc == 0, (rep, c.stderr())
+    assert rep["status"] == "completed" and rep["verified"] is True
+    assert rep["convergence"]["pending-estimate"] == "wire"
+    assert rep["xbzrle-cache"]["cache-size"] > 0
+    assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
+    assert f"written to {png}" in c.stderr()

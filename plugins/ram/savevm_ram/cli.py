@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from savevm.cli import build_config, common_options
+from savevm.cli.plot import require_matplotlib, write_plot
 from savevm.cli.progress import human, print_table, watch
 from savevm.errors import ConfigError, MigrationError
 from savevm.migration import Migration
@@ -31,7 +32,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--size", default="256M", help="total RAM (K/M/G suffixes), default 256M")
     d.add_argument("--blocks", type=int, default=2, help="number of RAM blocks, default 2")
     d.add_argument("--fill", choices=("random", "text", "zero"), default="random", help="initial content")
-    d.add_argument("--dirty-rate", default="20M", help="bytes/s of pages the workload rewrites (0 = none)")
+    d.add_argument("--dirty-rate", default=None,
+                   help="bytes/s of pages the workload rewrites (0 = none; default 20M, for sparse 'max': as fast "
+                        "as it can)")
+    d.add_argument("--working-set", default=None, metavar="SIZE",
+                   help="the part of RAM the workload rewrites, from its start (default: all of it)")
+    d.add_argument("--dirty-pattern", choices=("sparse", "pages"), default="pages",
+                   help="pages: a 256-byte stretch in random pages (default); sparse: a few bytes in every page "
+                        "of the working set, pass after pass")
     d.add_argument("--capability", action="append", metavar="NAME", help="xbzrle, compress, auto-converge, ...")
     d.add_argument("--set", action="append", metavar="PARAM=VALUE", help="QEMU parameter (repeatable)")
     d.add_argument("--uri", default="tcp:127.0.0.1:0", help="tcp:HOST:PORT or unix:PATH")
@@ -42,8 +50,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
     d.add_argument("--mem-prealloc", action="store_true",
                    help="the destination faults its memory in while it waits (savevm incoming --mem-prealloc)")
+    d.add_argument("--plot", metavar="FILE.png",
+                   help="draw the per-iteration records (pending, sent by kind, downtime, throttle) into a PNG "
+                        "(needs matplotlib: pip install 'savevm[plot]')")
     common_options(d)
     d.set_defaults(func=cmd_demo)
+
+
+def _workload(prog: DemoProgram) -> str:
+    """What the demo's workload does, in a few words for the opening line."""
+    rate = "as fast as it can" if prog.rate is None else f"{human(prog.rate)}/s"
+    where = "" if prog.working_set == prog.ram.total_bytes else f" of a {human(prog.working_set)} working set"
+    return f"{prog.dirty_pattern} {rate}{where}"
 
 
 def _registry(cfg: Any) -> Any:
@@ -53,6 +71,8 @@ def _registry(cfg: Any) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``savevm demo``: a destination process, this process as the source, and a check."""
     cfg = attrs.evolve(build_config(args), mem_prealloc=False)  # --mem-prealloc is the destination's
+    if args.plot:
+        require_matplotlib()  # before two processes and a fill
     scheme, _, address = args.uri.partition(":")
     if scheme not in ("tcp", "unix"):
         raise ConfigError("--uri", "the demo runs both ends at once: use tcp:HOST:PORT or unix:PATH")
@@ -72,7 +92,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
     t_fill = time.monotonic()
     prog = DemoProgram(size=args.size, blocks=args.blocks, fill=args.fill, dirty_rate=args.dirty_rate,
-                       role="source", dirty=args.dirty_tracking)
+                       role="source", dirty=args.dirty_tracking, working_set=args.working_set,
+                       dirty_pattern=args.dirty_pattern)
     fill_s = time.monotonic() - t_fill
     dest = subprocess.Popen(dest_cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
@@ -88,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         prog.start()
         if not args.json:
             print(f"savevm demo: {human(prog.ram.total_bytes)} in {len(prog.ram)} blocks ({args.fill}, "
-                  f"filled in {fill_s:.1f}s), dirtying {args.dirty_rate}/s, "
+                  f"filled in {fill_s:.1f}s), dirtying {_workload(prog)}, "
                   f"destination pid {dest.pid} on {uri}", file=sys.stderr)
         time.sleep(0.2)  # let the workload run a little before migrating
         mig = Migration(reg, uri, guest=prog, config=cfg)
@@ -124,6 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if dest.poll() is None:
             dest.kill()
             dest.wait()
+    if args.plot:
+        write_plot(mig.records, args.plot, "savevm demo", st.as_qmp())
     dest_report: dict[str, Any] = {}
     for line in out_text.splitlines():
         line = line.strip()

@@ -87,7 +87,13 @@ class PageCodec:
 
     def encode_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
                      last_stage: bool) -> list[PageResult]:
-        """Encode a batch: ``pages`` are page numbers in ``block``, ``data`` their (n, 4096) contents."""
+        """Encode a batch: ``pages`` are page numbers in ``block``, ``data`` their (n, 4096) contents.
+
+        ``data`` is the pipeline's own copy of the pages, taken once for all
+        codecs of the batch: a codec may keep it, cache it or send from it
+        (:class:`NormalFrom`) without copying again, and the program writing
+        the pages meanwhile changes nothing in it.
+        """
         return [None] * len(pages)
 
     def zero_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:

@@ -3,9 +3,19 @@
 ``savevm demo`` migrates it between two processes; ``savevm migrate
 --guest savevm_ram.demo:DemoProgram`` and ``savevm incoming ... --guest
 savevm_ram.demo:DemoProgram --guest-arg role=destination`` do the same by
-hand.  The workload dirties ``dirty_rate / 4096`` pages per second, changing
-a 256-byte stretch in each (so XBZRLE has something to win), and honours
-pause and throttle the way a vCPU does under QEMU.
+hand.  The workload rewrites only the first ``working_set`` bytes of RAM
+(all of it by default), in one of two patterns:
+
+* ``pages``: ``dirty_rate / 4096`` random pages of the working set per
+  second, a 256-byte stretch in each (so XBZRLE has something to win);
+* ``sparse``: a few bytes (:data:`SPARSE_BYTES`) in every page of the
+  working set, page after page, as fast as it can (``dirty_rate`` ``max``,
+  its default: the whole working set once per tick) or at ``dirty_rate /
+  4096`` pages per second.  This is the guest QEMU's stop rule cannot
+  migrate: every page is always dirty, yet each costs a few dozen bytes
+  as an XBZRLE delta.
+
+It honours pause and throttle the way a vCPU does under QEMU.
 """
 
 from __future__ import annotations
@@ -26,6 +36,11 @@ from savevm.errors import ConfigError
 #: Bytes rewritten inside each dirtied page.
 STRETCH = 256
 TICK = 0.01
+#: ``sparse``: bytes rewritten in each page, and where in the page (one fixed spot, so an XBZRLE
+#: delta stays this small however many passes happened since the page was last sent)
+SPARSE_BYTES = 8
+SPARSE_OFFSET = 1024
+DIRTY_PATTERNS = ("pages", "sparse")
 
 
 @vs.vmsd("demo-device", version_id=2, minimum_version_id=1,
@@ -135,8 +150,9 @@ class DemoProgram:
     """The synthetic workload; ``role`` is ``source`` or ``destination``."""
 
     def __init__(self, size: str | int = "256M", blocks: str | int = 2, fill: str = "random",
-                 dirty_rate: str | int = "20M", seed: str | int = 1, role: str = "source",
-                 corrupt_page: str | int | None = None, dirty: str = "tracked") -> None:
+                 dirty_rate: str | int | None = None, seed: str | int = 1, role: str = "source",
+                 corrupt_page: str | int | None = None, dirty: str = "tracked",
+                 working_set: str | int | None = None, dirty_pattern: str = "pages") -> None:
         import savevm_ram
 
         total = parse_size(size, "--size")
@@ -145,7 +161,23 @@ class DemoProgram:
             raise ConfigError("--blocks", f"need 1..{max(total // 4096, 1)} blocks of at least one page")
         per = (total // nblocks) // 4096 * 4096
         self.role = role
-        self.rate = parse_size(dirty_rate, "--dirty-rate")
+        if dirty_pattern not in DIRTY_PATTERNS:
+            raise ConfigError("--dirty-pattern", f"expected {' or '.join(DIRTY_PATTERNS)}, got {dirty_pattern!r}")
+        self.dirty_pattern = dirty_pattern
+        if dirty_rate is None:
+            dirty_rate = "max" if dirty_pattern == "sparse" else "20M"
+        #: bytes of pages dirtied per second; None: as fast as it can (sparse only)
+        self.rate: int | None = None
+        if str(dirty_rate).strip().lower() == "max":
+            if dirty_pattern != "sparse":
+                raise ConfigError("--dirty-rate", "'max' needs --dirty-pattern sparse; give a rate like 20M")
+        else:
+            self.rate = parse_size(dirty_rate, "--dirty-rate")
+        self.working_set = per * nblocks if working_set in (None, "", "all") else parse_size(working_set,
+                                                                                             "--working-set")
+        if not 4096 <= self.working_set <= per * nblocks or self.working_set % 4096:
+            raise ConfigError("--working-set", f"expected whole pages between 4K and the RAM size ({per * nblocks}), "
+                                               f"got {self.working_set}")
         self.seed = int(seed)
         self.corrupt_page = None if corrupt_page in (None, "", "none") else int(corrupt_page)
         # memory the RAM plugin allocates (huge pages, nothing resident until written), read and
@@ -165,6 +197,15 @@ class DemoProgram:
         self._throttle = 0
         self._thread: threading.Thread | None = None
         self.pages_dirtied = 0
+        self._writes = 0
+        #: (block, first page, pages): the working set, the first working_set bytes in block order
+        self._segments: list[tuple[Any, int, int]] = []
+        left = self.working_set // 4096
+        for blk in self.ram:
+            take = min(left, blk.pages)
+            if take:
+                self._segments.append((blk, 0, take))
+            left -= take
 
     @property
     def buffers(self) -> list[np.ndarray]:
@@ -179,7 +220,7 @@ class DemoProgram:
         registry.register_device("demo-device", 0, self.device)
 
     def start(self) -> None:
-        if self.role != "source" or self.rate <= 0 or self._thread is not None:
+        if self.role != "source" or self.rate == 0 or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="demo-workload", daemon=True)
         self._thread.start()
@@ -211,9 +252,11 @@ class DemoProgram:
     # ------------------------------------------------------------ workload
     def _run(self) -> None:
         rng = np.random.default_rng(self.seed + 1000)
-        pages_per_s = self.rate / 4096
-        blocks = list(self.ram)
+        ws_pages = self.working_set // 4096
+        # pages per tick: the rate's share, or the whole working set when it runs as fast as it can
+        per_tick = ws_pages if self.rate is None else self.rate / 4096 * TICK
         credit = 0.0
+        cursor = 0
         last = time.monotonic()
         while not self._stop.is_set():
             if self._paused.is_set():
@@ -227,16 +270,19 @@ class DemoProgram:
                 self._idle.set()
                 continue
             now = time.monotonic()
-            credit += (now - last) * pages_per_s * (100 - self._throttle) / 100
+            credit += (now - last) / TICK * per_tick * (100 - self._throttle) / 100
+            credit = min(credit, max(float(ws_pages), 1.0)) if self.rate is None else credit
             last = now
             n = int(credit)
             if n:
                 credit -= n
-                for _ in range(n):
-                    b = blocks[int(rng.integers(len(blocks)))]
-                    page = int(rng.integers(b.pages))
-                    at = page * 4096 + int(rng.integers(0, 4096 - STRETCH))
-                    b.write(at, rng.bytes(STRETCH))
+                if self.dirty_pattern == "sparse":
+                    cursor = self._sparse(cursor, n)
+                else:
+                    for _ in range(n):
+                        b, page = self._ws_page(int(rng.integers(ws_pages)))
+                        at = page * 4096 + int(rng.integers(0, 4096 - STRETCH))
+                        b.write(at, rng.bytes(STRETCH))
                 self.pages_dirtied += n
                 d = self.device
                 d.counter += 1
@@ -245,6 +291,36 @@ class DemoProgram:
                 d.throttle = self._throttle
             self._idle.set()
             time.sleep(TICK)
+
+    def _ws_page(self, k: int) -> tuple[Any, int]:
+        """The block and page of the working set's ``k``-th page."""
+        for b, first, count in self._segments:
+            if k < count:
+                return b, first + k
+            k -= count
+        raise IndexError(k)
+
+    def _sparse(self, cursor: int, n: int) -> int:
+        """Rewrite :data:`SPARSE_BYTES` in each of ``n`` working-set pages from ``cursor``; the next cursor.
+
+        One numpy assignment per block segment (a new 8-byte value per
+        pass, the same spot in every page), then one mark over the range,
+        written before it is marked as the tracked provider expects.
+        """
+        ws_pages = self.working_set // 4096
+        while n > 0:
+            b, page = self._ws_page(cursor)
+            seg_end = next(first + count for blk, first, count in self._segments if blk is b)
+            take = min(n, seg_end - page)
+            self._writes += 1
+            value = np.frombuffer(((self._writes * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)).to_bytes(8, "little"),
+                                  dtype=np.uint8)
+            view = b.host[page * 4096 : (page + take) * 4096].reshape(take, 4096)
+            view[:, SPARSE_OFFSET : SPARSE_OFFSET + SPARSE_BYTES] = value
+            b.mark_dirty(page * 4096, take * 4096)
+            n -= take
+            cursor = (cursor + take) % ws_pages
+        return cursor
 
     # ------------------------------------------------------------ verification
     def checksums(self) -> dict[str, str]:

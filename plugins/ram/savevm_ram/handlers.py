@@ -94,6 +94,10 @@ class RAMHandlers(SaveVMHandlers):
             return {"ram": {"loaded-pages": self._counters.loaded_pages, "total": self._counters.total}}
         remaining = self.saver.bitmap.remaining_bytes if self.saver is not None else 0
         out: dict[str, Any] = {"ram": self._counters.as_qmp(remaining)}
+        if self.saver is not None:
+            # savevm's own: what those remaining bytes are expected to cost on the wire, and the prices
+            out["ram"]["pending-wire-bytes"] = self.saver.pending_wire(0)
+            out["ram"]["wire-cost"] = self.saver.estimator.per_page()
         for c in self.saver.codecs if self.saver is not None else ():
             out.update(c.query_stats())
         return out
@@ -124,7 +128,7 @@ class RAMHandlers(SaveVMHandlers):
         self._transport_state.clear()
         codecs = [c for c in self.hooks.page_codecs(self._config) if c.enabled(self._config)]
         self.saver = RAMSaver(self, self.ram, self._counters, self.hooks, codecs,
-                              on_dirty_period=ctx.on_dirty_period)
+                              on_dirty_period=ctx.on_dirty_period, on_sync=ctx.on_sync)
         self.saver.setup(f)
 
     def save_live_iterate(self, f: QEMUFile) -> bool:
@@ -140,6 +144,14 @@ class RAMHandlers(SaveVMHandlers):
     def save_live_pending(self, threshold: int) -> int:
         """Dirty bytes (ram_save_pending)."""
         return self.saver.pending(threshold) if self.saver is not None else 0
+
+    def save_live_pending_wire(self, threshold: int) -> int:
+        """What the dirty pages are expected to cost on the wire (see :mod:`savevm_ram.estimate`)."""
+        return self.saver.pending_wire(threshold) if self.saver is not None else 0
+
+    def save_live_sent_by_kind(self) -> dict[str, tuple[int, int]]:
+        """Pages and bytes sent by kind: ``zero``, ``normal``, each codec's name, ``transport``."""
+        return self.saver.pipeline.tally.snapshot() if self.saver is not None else {}
 
     def save_cleanup(self) -> None:
         """Stop dirty logging, release codecs and transport state."""

@@ -12,6 +12,11 @@ Before both, a transport that claimed the migration (RDMA-style) is offered
 each contiguous run through ``ram_control_save_page`` and may take it out
 of band.  Everything here is a numpy operation over the batch; nothing is
 per page except the codec path's record assembly.
+
+Every record written is counted by kind in :attr:`PagePipeline.tally`
+(``zero``, ``normal``, the codec's name, ``transport``): what pending pages
+are expected to cost on the wire is priced from those counts
+(:mod:`savevm_ram.estimate`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import numpy as np
 
-from savevm_ram.codecs import SKIP, NormalFrom, PageCodec, PageResult
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
+from savevm_ram.estimate import SentTally
 from savevm_ram.search import MAX_BATCH_PAGES
 from savevm_ram.wire import (
     PAGE_BITS,
@@ -104,6 +110,8 @@ class PagePipeline:
         self.pages_claimed = False
         #: bytes transports reported for pages they took out of band
         self.oob_bytes = 0
+        #: pages and bytes written in this migration, by kind
+        self.tally = SentTally()
         #: packed (header + page) records of one batch; reused, flushed per batch
         self._scratch = np.empty((MAX_BATCH_PAGES, PAGE_RECORD_SIZE), dtype=np.uint8)
 
@@ -115,6 +123,7 @@ class PagePipeline:
         self.last_sent_block = None
         self.pages_claimed = False
         self.oob_bytes = 0
+        self.tally = SentTally()
 
     def ext_codecs(self) -> list[PageCodec]:
         """The third-party codecs setup announces, in id order."""
@@ -145,6 +154,7 @@ class PagePipeline:
             self.oob_bytes += nbytes
             self.counters.control += n
             self.counters.normal += n
+            self.tally.add("transport", n, nbytes)
             return
         self.emit(f, self._examine(block, pages, True), last_stage)
 
@@ -192,6 +202,7 @@ class PagePipeline:
         parts: list[Any] = []
         nbytes = 0
         k = 0
+        name_bytes = 0  # the block name the first record carries, counted with its kind
         if self.last_sent_block is not b:
             name = b.idstr.encode()
             h0 = int(hdr[0]) & ~_F_CONT
@@ -202,11 +213,15 @@ class PagePipeline:
             else:
                 parts.append(head + data[0].tobytes())
                 nbytes += len(head) + PAGE_SIZE
+            name_bytes = len(head) - 8
             self.last_sent_block = b
             k = 1
         nzero = int(np.count_nonzero(zero))
         self.counters.duplicate += nzero
         self.counters.normal += n - nzero
+        zero_first = bool(zero[0]) and name_bytes > 0
+        self.tally.add("zero", nzero, 9 * nzero + (name_bytes if zero_first else 0))
+        self.tally.add("normal", n - nzero, PAGE_RECORD_SIZE * (n - nzero) + (0 if zero_first else name_bytes))
         if k < n:
             hb = hdr.astype(">u8").view(np.uint8).reshape(n, 8)
             scratch = self._scratch
@@ -232,73 +247,99 @@ class PagePipeline:
         f.flush()  # the scratch buffer is reused by the next batch
 
     def _emit_codecs(self, f: QEMUFile, batch: Batch, last_stage: bool) -> None:
-        """The general pipeline: zero → codecs in order → normal page."""
+        """The general pipeline: zero → codecs in order → normal page.
+
+        Per page there is only what cannot be vectorised: sorting out each
+        codec answer, and laying header and body side by side.  Flags,
+        headers and the byte counts are numpy operations over the batch, and
+        the records go out as one buffer: XBZRLE records are ~20 bytes, and
+        two iovecs per page cost more than copying them (and the occasional
+        4 KiB page) once.
+        """
         b, pages, data, zero, codecs = batch.block, batch.pages, batch.data, batch.zero, batch.codecs
         n = len(pages)
-        results: list[PageResult] = [None] * n
-        flags: list[int] = [0] * n
+        nk = len(codecs)
+        zero_kind, normal_kind = nk, nk + 1
+        bodies: list[Any] = [None] * n
+        kind_of = np.where(zero, zero_kind, normal_kind)
+        flag_of = np.where(zero, _ZERO_C, _PAGE_C)
+        skipped = [0] * nk
         todo = np.flatnonzero(~zero)
-        for c in codecs:
+        for ci, c in enumerate(codecs):
             if todo.size == 0:
                 break
+            # data[todo] is a copy (fancy indexing): the snapshot codecs are promised
             res = c.encode_pages(self.rs, b, pages[todo], data[todo], last_stage)
-            keep = []
+            ext_id = self.ext_ids.get(id(c))
+            keep: list[int] = []
+            mine: list[int] = []
+            skip: list[int] = []
             for k, r in zip(todo.tolist(), res):
                 if r is None:
                     keep.append(k)
-                    continue
-                ext_id = self.ext_ids.get(id(c))
-                if ext_id is None or r is SKIP or isinstance(r, NormalFrom):
-                    results[k] = r
-                    flags[k] = c.wire_flag
+                elif r is SKIP:
+                    skip.append(k)
+                elif isinstance(r, NormalFrom):
+                    bodies[k] = r.data  # a normal page, from the codec's copy
                 else:
-                    results[k] = bytes((ext_id,)) + bytes(r)  # type: ignore[arg-type]
-                    flags[k] = _F_EXT
+                    bodies[k] = r if ext_id is None else bytes((ext_id,)) + bytes(r)  # type: ignore[arg-type]
+                    mine.append(k)
+            if mine:
+                kind_of[mine] = ci
+                flag_of[mine] = np.uint64((c.wire_flag if ext_id is None else _F_EXT) | _F_CONT)
+            if skip:
+                kind_of[skip] = -1  # unchanged: the codec's page, costing nothing
+                skipped[ci] += len(skip)
             todo = np.asarray(keep, dtype=np.int64)
         if zero.any():
             zpages = pages[zero]
             for c in codecs:
                 c.zero_pages(self.rs, b, zpages, last_stage)
-        pm = b.mv
+        emit = np.flatnonzero(kind_of >= 0)
+        tally = self.tally
+        for ci, c in enumerate(codecs):
+            tally.add(c.name, skipped[ci], 0)
+        if emit.size == 0:
+            return
         plist = pages.tolist()
+        pm = b.mv
+        for k in np.flatnonzero(kind_of == normal_kind).tolist():
+            if bodies[k] is None:
+                off = plist[k] << PAGE_BITS
+                bodies[k] = pm[off : off + PAGE_SIZE]
+        for k in np.flatnonzero(zero).tolist():
+            bodies[k] = b"\x00"
+        hb = ((pages.astype(np.uint64) << _SHIFT) | flag_of).astype(">u8").tobytes()
         parts: list[Any] = []
-        nbytes = 0
-        idstr = b.idstr.encode()
-        name_rec = bytes([len(idstr)]) + idstr
+        ap = parts.append
+        for k in emit.tolist():
+            ap(hb[8 * k : 8 * k + 8])
+            ap(bodies[k])
+        name_extra = 0
+        if self.last_sent_block is not b:
+            # the first record names the block and carries no CONTINUE
+            idstr = b.idstr.encode()
+            k0 = int(emit[0])
+            h0 = (int.from_bytes(hb[8 * k0 : 8 * k0 + 8], "big") & ~_F_CONT).to_bytes(8, "big")
+            parts[0] = h0 + bytes([len(idstr)]) + idstr
+            name_extra = 1 + len(idstr)
+            self.last_sent_block = b
+        kinds = kind_of[emit]
+        sizes = np.fromiter(map(len, parts[1::2]), dtype=np.int64, count=emit.size) + 8
+        sizes[0] += name_extra
+        kind_pages = np.bincount(kinds, minlength=nk + 2)
+        kind_bytes = np.bincount(kinds, weights=sizes, minlength=nk + 2).astype(np.int64)
+        for ci, c in enumerate(codecs):
+            tally.add(c.name, int(kind_pages[ci]), int(kind_bytes[ci]))
+        tally.add("zero", int(kind_pages[zero_kind]), int(kind_bytes[zero_kind]))
+        tally.add("normal", int(kind_pages[normal_kind]), int(kind_bytes[normal_kind]))
         cnt = self.counters
-        for k in range(n):
-            off = plist[k] << PAGE_BITS
-            body: Any
-            if zero[k]:
-                flag = _F_ZERO
-                body = b"\x00"
-                cnt.duplicate += 1
-            else:
-                r = results[k]
-                if r is None:
-                    flag = _F_PAGE
-                    body = pm[off : off + PAGE_SIZE]
-                    cnt.normal += 1
-                elif r is SKIP:
-                    continue
-                elif isinstance(r, NormalFrom):
-                    flag = _F_PAGE
-                    body = r.data
-                    cnt.normal += 1
-                else:
-                    flag = flags[k]
-                    body = r
-                    cnt.encoded += 1
-            if self.last_sent_block is b:
-                head = (off | flag | _F_CONT).to_bytes(8, "big")
-            else:
-                head = (off | flag).to_bytes(8, "big") + name_rec
-                self.last_sent_block = b
-            parts.append(head)
-            parts.append(body)
-            size = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
-            nbytes += size
-            if flag not in (_F_ZERO, _F_PAGE):
-                cnt.encoded_bytes += size
-        if parts:
-            f.put_iovecs(parts, nbytes)
+        cnt.duplicate += int(kind_pages[zero_kind])
+        cnt.normal += int(kind_pages[normal_kind])
+        cnt.encoded += int(kind_pages[:nk].sum())
+        cnt.encoded_bytes += int(kind_bytes[:nk].sum())
+        blob = b"".join(parts)
+        f.put_iovecs([blob], len(blob))
+        # out now, not when a megabyte has gathered: in the pause the destination decodes these records
+        # while the next batch is encoded (a batch of XBZRLE records is ~20 kB; the write is one syscall)
+        f.flush()

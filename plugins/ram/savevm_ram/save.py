@@ -1,8 +1,9 @@
 """The RAM section's source side: QEMU's ``ram_save_setup`` / ``_iterate`` / ``_complete`` / ``_pending``.
 
 :class:`RAMSaver` owns what only the source needs for one migration: the
-dirty bitmap, the page search, the page pipeline, the rate periods, and the
-accounting of bytes sent.  It is created at ``save_setup`` and dropped at
+dirty bitmap, the page search, the page pipeline, the rate periods, the
+accounting of bytes sent, and the estimate of what the pending pages will
+cost on the wire (:mod:`savevm_ram.estimate`).  It is created at ``save_setup`` and dropped at
 ``save_cleanup``.
 """
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from savevm.logging import get_logger
 from savevm_ram.dirty import DirtyBitmap
+from savevm_ram.estimate import WireEstimator, tally_delta
 from savevm_ram.pipeline import PagePipeline
 from savevm_ram.search import MAX_BATCH_PAGES, PageSearch
 from savevm_ram.wire import (
@@ -46,13 +48,18 @@ class RAMSaver:
     """The source side of one migration's RAM section."""
 
     def __init__(self, rs: RAMState, ram: RAMList, counters: RAMCounters, hooks: RAMHooks,
-                 codecs: list[PageCodec], on_dirty_period: DirtyPeriodListener | None = None) -> None:
+                 codecs: list[PageCodec], on_dirty_period: DirtyPeriodListener | None = None,
+                 on_sync: Callable[[float, bool], None] | None = None) -> None:
         self.rs = rs
         self.ram = ram
         self.counters = counters
         self.hooks = hooks
         self.codecs = codecs
         self.on_dirty_period = on_dirty_period
+        self.on_sync = on_sync
+        self._rounds_synced = 0
+        #: prices the pending pages from what the last iterations after the bulk stage cost
+        self.estimator = WireEstimator()
         self.bitmap = DirtyBitmap(ram)
         self.search = PageSearch(ram, self.bitmap)
         self.pipeline = PagePipeline(rs, self.bitmap, counters, hooks)
@@ -99,6 +106,8 @@ class RAMSaver:
         oob0 = self.pipeline.oob_bytes
         self._follow_hotplug()
         self.hooks.refresh()
+        bulk = self.search.bulk_stage
+        sent0 = self.pipeline.tally.snapshot()
         for c in self.codecs:
             c.iteration_start(self.rs)
         self.hooks.before_iterate(self.rs, f, RAM_CONTROL_ROUND)
@@ -118,6 +127,8 @@ class RAMSaver:
         f.put_be64(Flag.EOS)
         f.flush()
         self._account(f.pos - start + self.pipeline.oob_bytes - oob0, precopy=True)
+        if not bulk and not search.bulk_stage:
+            self.estimator.add_iteration(tally_delta(self.pipeline.tally.snapshot(), sent0))
         return done
 
     # ------------------------------------------------------------ ram_save_complete
@@ -148,6 +159,14 @@ class RAMSaver:
             remaining = self.bitmap.remaining_bytes
         return remaining
 
+    def pending_wire(self, threshold: int) -> int:
+        """Expected wire bytes of the dirty pages; re-sync first when already below ``threshold``."""
+        est = self.estimator.estimate(self.bitmap.remaining_bytes // PAGE_SIZE)
+        if est < threshold:
+            self.sync()
+            est = self.estimator.estimate(self.bitmap.remaining_bytes // PAGE_SIZE)
+        return est
+
     def cleanup(self) -> None:
         """Logging off and codecs released, whatever the outcome."""
         self.bitmap.stop()
@@ -174,10 +193,17 @@ class RAMSaver:
         The ``final`` sync (completion) closes any period of at least 100 ms,
         so a migration shorter than a second still reports its rates.
         """
+        t0 = time.monotonic()
         self.bitmap.sync(final=final)
         self.counters.dirty_sync_count = self.bitmap.sync_count
         for c in self.codecs:
             c.on_sync(self.rs)
+        if self.on_sync is not None and not final:
+            # a pass over dirty memory ended if the search went round since the last sync (a sync in
+            # mid-pass, when what is left looked small enough, continues the same pass)
+            rounds = self.search.rounds
+            self.on_sync(time.monotonic() - t0, rounds != self._rounds_synced)
+            self._rounds_synced = rounds
         first = self.counters.dirty_pages_rate == 0 and self.counters.pages_per_second == 0
         period = self.bitmap.end_period_if_due(0.1 if final and first else 1.0)
         if period is None:

@@ -41,6 +41,8 @@ class PageSearch:
         self.last_page = 0
         #: True until the search wraps once (QEMU: !xbzrle_enabled)
         self.bulk_stage = True
+        #: times the search has wrapped past the last block: passes over dirty memory completed
+        self.rounds = 0
 
     def reset(self, *, bulk: bool) -> None:
         """QEMU's ram_state_reset: take the block list again and start from the first page."""
@@ -93,6 +95,7 @@ class PageSearch:
             if bi == len(blocks):
                 bi = 0
                 complete_round = True
+                self.rounds += 1
                 if self.bulk_stage:
                     self.bulk_stage = False
                     log.debug("ram_bulk_stage_end", sync_count=self.bitmap.sync_count)

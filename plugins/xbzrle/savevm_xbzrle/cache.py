@@ -206,9 +206,11 @@ class PageCache:
         return hit
 
     def get_batch(self, addrs: np.ndarray) -> np.ndarray:
-        """Copy of the cached pages for resident ``addrs``, shape (k, page_size).
+        """The cached pages for resident ``addrs``, shape (k, page_size).
 
-        Raises KeyError if one of them is not resident.  Does not touch ages.
+        A copy, or a read-only view when the slots are contiguous (read it
+        before changing the cache).  Raises KeyError if one of them is not
+        resident.  Does not touch ages.
         """
         a = np.asarray(addrs, dtype=np.int64)
         if a.size == 0:
@@ -220,6 +222,11 @@ class PageCache:
         missing = np.flatnonzero(self._addr[slots] != a)
         if missing.size:
             raise KeyError(int(a[missing[0]]))
+        first = int(slots[0])
+        if int(slots[-1]) - first == slots.size - 1 and bool((np.diff(slots) == 1).all()):
+            view = self._data[first : first + slots.size]
+            view.flags.writeable = False  # a view of the cache, not a copy
+            return view
         return self._data[slots]
 
     def insert_batch(self, addrs: np.ndarray, data: np.ndarray | None, current_age: int) -> np.ndarray:
@@ -262,6 +269,22 @@ class PageCache:
             self._addr[dst] = a[src]
             self._age[dst] = current_age
         return ok
+
+    def overwrite(self, addrs: np.ndarray, data: np.ndarray) -> None:
+        """New contents for resident pages in distinct slots (their ages were just refreshed).
+
+        What ``insert_batch`` does for pages known to hit, without its
+        slot arbitration; contiguous slots are one copy.
+        """
+        assert self._addr is not None and self._data is not None
+        slots = self.slots_of(addrs)
+        if slots.size == 0:
+            return
+        first = int(slots[0])
+        if int(slots[-1]) - first == slots.size - 1 and bool((np.diff(slots) == 1).all()):
+            self._data[first : first + slots.size] = data
+        else:
+            self._data[slots] = data
 
     def conflict_free_spans(self, addrs: np.ndarray) -> list[tuple[int, int]]:
         """Split ``addrs`` into consecutive spans with no slot used twice.
@@ -360,6 +383,16 @@ class XbzrleBatchResult:
     cache_miss: int = 0
     pages: int = 0
     overflow: int = 0
+    #: batch index -> the bytes to send as a normal page for a miss or an overflow that updated
+    #: the cache: the very copy the cache now holds, taken before encoding, so a program writing
+    #: the page meanwhile cannot make the destination's copy and the cache differ (QEMU sends
+    #: these from its cache for the same reason).  Pages not listed are sent from memory.
+    copies: dict[int, np.ndarray] = attrs.field(factory=dict)
+
+
+def _is_run(idx: np.ndarray) -> bool:
+    """Are these ascending indices consecutive (so a slice can stand for them)?"""
+    return int(idx[-1]) - int(idx[0]) == idx.size - 1
 
 
 def xbzrle_save_batch(
@@ -369,6 +402,8 @@ def xbzrle_save_batch(
     current_age: int,
     last_stage: bool,
     zero_mask: np.ndarray | None = None,
+    *,
+    snapshot: bool = False,
 ) -> XbzrleBatchResult:
     """Run QEMU's per-page XBZRLE send decision for a batch, in page order.
 
@@ -380,6 +415,11 @@ def xbzrle_save_batch(
     the result is a delta or an overflow.  Pages whose addresses share a
     cache slot are handled in separate sub-batches so the outcome equals
     processing one page at a time.
+
+    ``pages`` may be a view of memory the program keeps writing: what is
+    cached, encoded and sent (``copies``) is then taken from one copy of it.
+    ``snapshot=True`` says ``pages`` is such a copy already (the RAM
+    pipeline's promise to codecs), which saves copying it again.
     """
     a = np.asarray(addrs, dtype=np.int64).reshape(-1)
     data = np.asarray(pages, dtype=np.uint8).reshape(a.size, cache.page_size)
@@ -401,26 +441,33 @@ def xbzrle_save_batch(
         result.cache_miss += int(miss.size)
         kind[miss] = KIND_MISS
         if miss.size and not last_stage:
-            cache.insert_batch(a[miss], data[miss], current_age)
+            snap = data[miss]  # a copy (fancy indexing): the cached bytes are the sent bytes
+            ok = cache.insert_batch(a[miss], snap, current_age)
+            for j in np.flatnonzero(ok).tolist():
+                result.copies[int(miss[j])] = snap[j]
         hits = rest[hit]
         if hits.size == 0:
             continue
         result.pages += int(hits.size)
-        enc = encode_batch(cache.get_batch(a[hits]), data[hits])
-        changed = []
+        # one snapshot: encoded, cached and (on overflow) sent from the same bytes
+        new = data[int(hits[0]) : int(hits[-1]) + 1] if snapshot and _is_run(hits) else data[hits]
+        enc = encode_batch(cache.get_batch(a[hits]), new)
+        lens = np.fromiter((-1 if e is None else len(e) for e in enc), dtype=np.int64, count=len(enc))
+        over = lens < 0
+        delta = lens > 0
+        kind[hits[over]] = KIND_OVERFLOW
+        kind[hits[delta]] = KIND_XBZRLE
+        kind[hits[lens == 0]] = KIND_UNCHANGED
+        result.overflow += int(over.sum())
         for k, e in zip(hits.tolist(), enc):
-            if e is None:
-                kind[k] = KIND_OVERFLOW
-                result.overflow += 1
-                changed.append(k)
-            elif e:
-                kind[k] = KIND_XBZRLE
+            if e:
                 encoded[k] = e
-                changed.append(k)
-            else:
-                kind[k] = KIND_UNCHANGED
-        if changed and not last_stage:
-            # A hit already refreshed the age, and slots are distinct here,
-            # so this is QEMU's in-place memcpy into the cached page.
-            cache.insert_batch(a[changed], data[changed], current_age)
+        if not last_stage:
+            # a hit already refreshed the age, and slots are distinct here, so this is QEMU's
+            # in-place memcpy into the cached page
+            changed = np.flatnonzero(over | delta)
+            if changed.size:
+                cache.overwrite(a[hits[changed]], new[changed] if changed.size < hits.size else new)
+                for j in np.flatnonzero(over).tolist():
+                    result.copies[int(hits[j])] = new[j]
     return result

@@ -42,6 +42,7 @@ __all__ = [
     "decode_batch",
     "encode",
     "encode_batch",
+    "parse_runs",
     "uleb128_encode_small",
 ]
 
@@ -244,6 +245,13 @@ def _writable_page(page: Any) -> memoryview:
     if mv.nbytes != PAGE_SIZE:
         raise ValueError(f"page must be {PAGE_SIZE} bytes, got {mv.nbytes}")
     return mv
+
+
+def parse_runs(encoded: bytes) -> tuple[list[tuple[int, int, int]], int]:
+    """Validate an encoding without applying it: its runs ``(page offset, encoding offset, length)``
+    and the output offset reached.  Raises :class:`CorruptStreamError` exactly where :func:`decode` would.
+    """
+    return _parse(encoded)
 
 
 def decode(encoded: Any, page: Any) -> int:

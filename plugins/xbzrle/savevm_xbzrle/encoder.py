@@ -27,7 +27,7 @@ from savevm.logging import get_logger
 from savevm_ram.codecs import SKIP, NormalFrom, PageCodec, PageResult
 from savevm_ram.wire import ENCODING_FLAG_XBZRLE, PAGE_SIZE, Flag
 from savevm_xbzrle.cache import KIND_MISS, KIND_OVERFLOW, KIND_UNCHANGED, KIND_XBZRLE, PageCache, xbzrle_save_batch
-from savevm_xbzrle.codec import decode
+from savevm_xbzrle.codec import decode, parse_runs
 from savevm_xbzrle.stats import XbzrleStats
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from savevm_ram.state import RAMState
 
 log = get_logger("savevm.xbzrle")
+
+#: The encoding flag and be16 length that precede every XBZRLE body, by length.
+_PREFIX = [bytes((ENCODING_FLAG_XBZRLE,)) + n.to_bytes(2, "big") for n in range(PAGE_SIZE + 1)]
 
 
 
@@ -82,28 +85,32 @@ class XbzrleCodec(PageCodec):
                      last_stage: bool) -> list[PageResult]:
         assert self.cache is not None
         addrs = block.offset + np.asarray(pages, dtype=np.int64) * PAGE_SIZE
-        data = np.ascontiguousarray(data)  # our own snapshot: what is cached is what is sent
-        r = xbzrle_save_batch(self.cache, addrs, data, rs.sync_count, last_stage)
+        # the pipeline's own copy of the pages (see PageCodec.encode_pages): cached, encoded and, for misses
+        # and overflows, sent (r.copies) from the same bytes, without another copy
+        r = xbzrle_save_batch(self.cache, addrs, data, rs.sync_count, last_stage, snapshot=True)
         st = self.stats
         st.cache_miss += r.cache_miss
         st.pages += r.pages
         st.overflow += r.overflow
         st.bytes += PAGE_SIZE * r.overflow
         out: list[PageResult] = []
-        kinds = r.kind.tolist()
-        for k, kind in enumerate(kinds):
+        prefix = _PREFIX
+        copies = r.copies
+        enc_bytes = 0
+        for k, (kind, enc) in enumerate(zip(r.kind.tolist(), r.encoded)):
             if kind == KIND_XBZRLE:
-                enc = r.encoded[k]
                 assert enc is not None
-                body = bytes((ENCODING_FLAG_XBZRLE,)) + len(enc).to_bytes(2, "big") + enc
-                st.bytes += len(body)
+                body = prefix[len(enc)] + enc
+                enc_bytes += len(body)
                 out.append(body)
             elif kind == KIND_UNCHANGED:
                 out.append(SKIP)
             elif kind in (KIND_MISS, KIND_OVERFLOW):
-                out.append(NormalFrom(memoryview(data[k])))
+                src = copies.get(k)
+                out.append(NormalFrom((data[k] if src is None else src).data))
             else:
                 out.append(None)
+        st.bytes += enc_bytes
         return out
 
     def zero_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
@@ -120,6 +127,9 @@ class XbzrleCodec(PageCodec):
 
     # ------------------------------------------------------------ destination
     def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:
+        if self._load_staged(f, dest):
+            return
+        # the record is split across reads, or it is corrupt: the careful path says where and why
         flag_off = f.pos
         flag = f.get_byte()
         if flag != ENCODING_FLAG_XBZRLE:
@@ -129,9 +139,79 @@ class XbzrleCodec(PageCodec):
         if n > PAGE_SIZE:
             raise CorruptStreamError(f"XBZRLE length {n} exceeds the page size {PAGE_SIZE}", len_off)
         body_off = f.pos
-        enc = f.get_bytes(n, limit=PAGE_SIZE)
+        self._apply(f.get_bytes(n, limit=PAGE_SIZE), block, page, dest, body_off)
+
+    @staticmethod
+    def _load_staged(f: QEMUFile, dest: np.ndarray) -> bool:
+        """The common case in one pass: a valid record wholly in the read stage, applied from there.
+
+        The encoding is walked straight out of the stage (no copy), every
+        run checked as :func:`savevm_xbzrle.codec.parse_runs` checks it,
+        and only then written into ``dest`` and consumed.  Anything else
+        (a record not yet staged, a malformed one) returns False with
+        nothing consumed or written, for the careful path to handle.
+        """
+        buf = f.buffered()
+        avail = len(buf)
+        if avail < 3 or buf[0] != ENCODING_FLAG_XBZRLE:
+            return False
+        end = 3 + ((buf[1] << 8) | buf[2])
+        if end - 3 > PAGE_SIZE or avail < end or not isinstance(dest, np.ndarray) or dest.shape != (PAGE_SIZE,):
+            return False
+        runs = []
+        i = 3
+        d = 0
+        while i < end:
+            if end - i < 2:
+                return False
+            field = i
+            b0 = buf[i]
+            if b0 < 0x80:
+                count = b0
+                i += 1
+            else:
+                b1 = buf[i + 1]
+                if b1 & 0x80:
+                    return False
+                count = (b0 & 0x7F) | (b1 << 7)
+                i += 2
+            if count == 0 and field != 3:
+                return False  # a zero run of 0 is valid only first
+            d += count
+            if d > PAGE_SIZE or end - i < 2:
+                return False
+            b0 = buf[i]
+            if b0 < 0x80:
+                count = b0
+                i += 1
+            else:
+                b1 = buf[i + 1]
+                if b1 & 0x80:
+                    return False
+                count = (b0 & 0x7F) | (b1 << 7)
+                i += 2
+            if count == 0 or d + count > PAGE_SIZE or i + count > end:
+                return False
+            runs.append((d, i, count))
+            d += count
+            i += count
+        mv = dest.data
+        for d, i, count in runs:
+            mv[d : d + count] = buf[i : i + count]
+        f.consume(end)
+        return True
+
+    @staticmethod
+    def _apply(enc: bytes, block: RAMBlock, page: int, dest: np.ndarray, body_off: int) -> None:
+        """Validate the whole encoding, then write its runs into ``dest`` (unchanged if it is corrupt)."""
         try:
-            decode(enc, dest)
+            if isinstance(dest, np.ndarray) and dest.shape == (PAGE_SIZE,) and dest.dtype == np.uint8:
+                runs, _ = parse_runs(enc)
+                mv = dest.data
+                for d, s, k in runs:
+                    mv[d : d + k] = enc[s : s + k]
+            else:
+                decode(enc, dest)
         except CorruptStreamError as exc:
             inner = exc.offset or 0
             raise CorruptStreamError(
