@@ -433,9 +433,15 @@ class Convergence:
         self._stall_streak = 0
         self.stalls += 1
         policy = p.x_stall_policy
+        extra: dict[str, Any] = {}
+        if self.throttle_percentage and self.throttle_percentage >= p.max_cpu_throttle:
+            # nothing left for auto-converge to do: say what the user can change, once per stall
+            extra["hint"] = (f"the program is throttled to its ceiling (max-cpu-throttle {p.max_cpu_throttle}%) and "
+                             "still dirties memory faster than the link drains it: raise max-bandwidth or "
+                             "downtime-limit, set x-downtime-ramp, or x-stall-policy=fail to give up")
         self.log.warning("migration_stalled", passes=p.x_stall_iterations, pending_wire=wire, best_wire=best,
                          reduction=p.x_stall_reduction, policy=policy, passes_done=self.passes, syncs=self.syncs,
-                         stalls=self.stalls)
+                         stalls=self.stalls, throttle=self.throttle_percentage, **extra)
         if policy == "fail":
             raise MigrationStalled(
                 f"migration stalled: {p.x_stall_iterations} passes over dirty memory in a row without the "

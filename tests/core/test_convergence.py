@@ -238,6 +238,19 @@ def test_stall_policy_throttle_starts_auto_converge_without_the_capability(event
         "migration_stalled", "migration_stall_auto_converge"]
 
 
+def test_a_stall_with_the_throttle_at_its_ceiling_says_what_to_change(events: LogCapture) -> None:
+    h = Harness(MigrationConfig().set_parameter("x-stall-iterations", 2).set_parameter("max-cpu-throttle", 40))
+    _passes(h, [1000, 1000, 1000])  # first stall: throttling has not started, nothing to advise yet
+    for _ in range(8):
+        h.conv.dirty_period(dirty_bytes=100 << 20, xfer_bytes=1 << 20)
+    assert h.throttles[-1] == 40
+    _passes(h, [1000, 1000])
+    first, second = [e for e in events.entries if e["event"] == "migration_stalled"]
+    assert "hint" not in first and first["throttle"] == 0
+    assert second["throttle"] == 40
+    assert "max-cpu-throttle 40%" in second["hint"] and "max-bandwidth" in second["hint"]
+
+
 def test_stall_policy_fail_raises() -> None:
     h = Harness(MigrationConfig().set_parameter("x-stall-iterations", 2).set_parameter("x-stall-policy", "fail"))
     with pytest.raises(MigrationStalled, match="x-stall-policy=fail: the source keeps running") as exc:

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 log = get_logger("savevm.xbzrle")
 
+#: A rate period whose cache-miss rate is at least this counts towards thrashing ...
+THRASH_MISS_RATE = 0.25
+#: ... and this many such periods in a row (each ~1 s) make the warning.
+THRASH_PERIODS = 3
+
 #: The encoding flag and be16 length that precede every XBZRLE body, by length.
 _PREFIX = [bytes((ENCODING_FLAG_XBZRLE,)) + n.to_bytes(2, "big") for n in range(PAGE_SIZE + 1)]
 
@@ -54,6 +59,8 @@ class XbzrleCodec(PageCodec):
         self.cache: PageCache | None = None
         self.stats = XbzrleStats()
         self._pending_size: int | None = None
+        self._thrash_periods = 0
+        self._thrash_warned = False
 
     # ------------------------------------------------------------ source
     def enabled(self, config: MigrationConfig) -> bool:
@@ -64,6 +71,8 @@ class XbzrleCodec(PageCodec):
         self.cache = PageCache(size)
         self.stats = XbzrleStats(cache_size=size)
         self._pending_size = None
+        self._thrash_periods = 0
+        self._thrash_warned = False
 
     def configure(self, rs: RAMState, config: MigrationConfig) -> None:
         size = config.parameters.xbzrle_cache_size
@@ -121,6 +130,35 @@ class XbzrleCodec(PageCodec):
 
     def on_period(self, rs: RAMState, pages_sent_delta: int) -> None:
         self.stats.update_rates(pages_sent_delta)
+        if pages_sent_delta > 0 and not rs.bulk_stage:
+            self._check_thrashing(rs)
+
+    def _check_thrashing(self, rs: RAMState) -> None:
+        """Say once when the cache is too small for what the program rewrites.
+
+        A direct-mapped cache smaller than the working set cannot be fixed
+        by any stop rule: the pages that lose their slot go out whole every
+        pass, so the migration stalls or converges only by throttling.
+        Three rate periods (~3 s) in a row with a quarter or more of the
+        pages missing, past the cold first pass, is that case; the size
+        suggested is what would have held the pages that hit and missed.
+        """
+        st = self.stats
+        if st.cache_miss_rate >= THRASH_MISS_RATE:
+            self._thrash_periods += 1
+        else:
+            self._thrash_periods = 0
+        if self._thrash_periods < THRASH_PERIODS or self._thrash_warned or self.cache is None:
+            return
+        self._thrash_warned = True
+        size = self.cache.size_bytes
+        ram = max(1, sum(b.used_length for b in rs.ram))
+        want = size / max(1e-6, 1.0 - min(st.cache_miss_rate, 0.99))
+        suggest = min(1 << max(0, int(want - 1).bit_length()), 1 << max(0, int(ram - 1).bit_length()))
+        log.warning("xbzrle_cache_thrashing", cache_size=size, cache_miss_rate=round(st.cache_miss_rate, 3),
+                    suggested_cache_size=suggest,
+                    hint=f"a {size >> 20} MiB xbzrle-cache-size holds fewer pages than the program rewrites; "
+                         f"missed pages go out whole every pass: set xbzrle-cache-size={suggest >> 20}M or more")
 
     def query_stats(self) -> dict[str, Any]:
         return {"xbzrle-cache": self.stats.as_qmp()}
