@@ -100,3 +100,22 @@ def test_demo_sparse_working_set_with_plot(session: Session, tmp_path: Path) -> 
     assert rep["xbzrle-cache"]["cache-size"] > 0
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 20_000
     assert f"written to {png}" in c.stderr()
+
+
+@pytest.mark.slow
+def test_demo_that_cannot_converge_says_why_and_ends_at_its_timeout(session: Session) -> None:
+    # the whole of RAM rewritten every pass, an XBZRLE cache of 1/16 of it, 8 MiB/s: no stop rule can
+    # finish this, so the demo must end at --timeout, say so, and name the cache as the cause
+    c = session.savevm("demo", "--size", "16M", "--working-set", "16M", "--dirty-pattern", "sparse",
+                       "--capability", "xbzrle", "--set", "xbzrle-cache-size=1M", "--set", "max-bandwidth=8M",
+                       "--set", "x-stall-policy=continue", "--timeout", "8", name="demo")
+    rc, out = _run(c, timeout=60)
+    assert rc == 1, (out, c.stderr())
+    rows = {ln.split("  ", 1)[0].strip(): ln.split("  ", 1)[1].strip()
+            for ln in out.splitlines() if "  " in ln and not ln.startswith("==")}
+    assert rows["status"] == "cancelled", out
+    assert rows["error"] == "not completed within --timeout 8 s: cancelled", out
+    assert rows["verified"] == "no (the migration cancelled: nothing to compare)", out
+    err = c.stderr()
+    assert "xbzrle_cache_thrashing" in err, err
+    assert "set xbzrle-cache-size=16M or more" in err, err

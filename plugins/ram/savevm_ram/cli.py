@@ -115,9 +115,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mig = Migration(reg, uri, guest=prog, config=cfg)
         mig.start()
         deadline = time.monotonic() + args.timeout
+        timed_out = False
 
         def done() -> bool:
+            nonlocal timed_out
             if time.monotonic() > deadline and mig.is_running():
+                timed_out = True
                 mig.cancel()
             return mig.finished()
 
@@ -159,6 +162,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     verified = st.status == "completed" and bool(source_sums) and source_sums == dest_sums
     mismatched = sorted(k for k in source_sums if source_sums.get(k) != dest_sums.get(k))
     out = st.as_qmp()
+    if timed_out and st.status == "cancelled":
+        # the demo cancelled it, not the user: say which limit ran out
+        out["error-desc"] = f"not completed within --timeout {args.timeout:g} s: cancelled"
     out["verified"] = verified
     out["destination-status"] = dest_report.get("status", "unknown")
     if mismatched:
@@ -168,6 +174,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         extra = {"destination": out["destination-status"],
                  "verified": "yes (checksums of every block and the device match)" if verified
-                 else f"NO - mismatched: {', '.join(mismatched) or 'no checksums'}"}
-        print_table(st, "savevm demo", extra)
+                 else f"NO - mismatched: {', '.join(mismatched)}" if mismatched
+                 else f"no (the migration {st.status}: nothing to compare)" if st.status != "completed"
+                 else "NO - the destination reported no checksums"}
+        shown = attrs.evolve(st, error_desc=out["error-desc"]) if out.get("error-desc") else st
+        print_table(shown, "savevm demo", extra)
     return 0 if verified else 1
