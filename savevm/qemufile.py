@@ -51,6 +51,14 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 
+def _read_failed(pos: int, exc: OSError) -> str:
+    """The text of a failed read: a reset says what it means for a migration."""
+    if isinstance(exc, ConnectionResetError):
+        return (f"read failed at offset {pos}: the peer reset the connection (it exited or was killed, "
+                f"or closed with bytes of ours unread) [{exc}]")
+    return f"read failed at offset {pos}: {exc}"
+
+
 class QEMUFile:
     """A one-direction stream over a :class:`~savevm.channels.base.Channel`.
 
@@ -303,7 +311,7 @@ class QEMUFile:
             try:
                 got = self.channel.readinto(self._stage_mv[self._rend :])
             except OSError as exc:
-                err = ChannelError(f"read failed at offset {self.pos}: {exc}")
+                err = ChannelError(_read_failed(self.pos, exc))
                 err.__cause__ = exc
                 self.set_error(err)
                 raise err from exc
@@ -403,7 +411,7 @@ class QEMUFile:
             try:
                 r = self.channel.readinto(dest[got:])
             except OSError as exc:
-                err = ChannelError(f"read failed at offset {self.pos}: {exc}")
+                err = ChannelError(_read_failed(self.pos, exc))
                 self.set_error(err)
                 raise err from exc
             if r == 0:

@@ -20,7 +20,7 @@ from migration_guests import RecordingDemo
 from migration_helpers import MIGRATION_TIMEOUT, ChildProcess, Session, wait_for
 
 from savevm.config import MigrationConfig
-from savevm.errors import MigrationError, StreamError, TruncatedStreamError
+from savevm.errors import ChannelError, MigrationError, StreamError, TruncatedStreamError
 from savevm.migration import Incoming
 from savevm.plugins import PluginHost
 
@@ -98,7 +98,8 @@ def test_source_killed_mid_stream_cli_destination(session: Session) -> None:
     assert report["status"] == "failed"
     assert "guest" not in report
     desc = report.get("error-desc", "")
-    assert "stream ended" in desc or "truncated" in desc.lower(), desc
+    # EOF, or a reset: a killed process with return-path messages unread makes its kernel reset
+    assert "stream ended" in desc or "truncated" in desc.lower() or "the peer reset the connection" in desc, desc
 
 
 @pytest.mark.slow
@@ -122,9 +123,14 @@ def test_source_killed_mid_stream_incoming_in_process(session: Session) -> None:
             inc.cancel()
             inc.wait(10)
     assert st.status == "failed"
-    assert isinstance(inc.error, TruncatedStreamError), repr(inc.error)
-    assert isinstance(inc.error, StreamError) and inc.error.offset is not None
-    assert inc.error.offset >= 1 << 20
+    if isinstance(inc.error, ChannelError):
+        # the killed source's kernel reset the connection (return-path bytes it never read)
+        assert "the peer reset the connection" in str(inc.error), repr(inc.error)
+        assert int(str(inc.error).split("offset ")[1].split(":")[0]) >= 1 << 20
+    else:
+        assert isinstance(inc.error, TruncatedStreamError), repr(inc.error)
+        assert isinstance(inc.error, StreamError) and inc.error.offset is not None
+        assert inc.error.offset >= 1 << 20
     # the half-loaded program was not handed over
     assert ("resume", 0) not in prog.events
 
