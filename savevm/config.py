@@ -337,6 +337,10 @@ class MigrationConfig:
     #: QEMU's ``-mem-prealloc``: sections fault their memory in as soon as it is registered
     #: (in the background), so a destination's load does not pay first-touch page faults
     mem_prealloc: bool = False
+    #: a destination faults its memory in only while it waits for its source, and zero pages
+    #: release it again (see savevm_ram.RAMList.prefault_while_waiting); None: the command
+    #: decides (``savevm incoming`` turns it on, ``--no-prefault`` off; the API leaves it off)
+    prefault_while_waiting: bool | None = None
 
     # ---------------------------------------------------------------- access
     def has(self, capability: str) -> bool:
@@ -407,7 +411,8 @@ class MigrationConfig:
         may switch those on as well as QEMU's.
         """
         known = {"capabilities", "parameters", "machine", "plugins", "transports",
-                 "send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc"}
+                 "send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc",
+                 "prefault-while-waiting"}
         for k in data:
             if k not in known:
                 raise ConfigError(k, f"unknown config key; expected one of {', '.join(sorted(known))}")
@@ -429,7 +434,8 @@ class MigrationConfig:
             if not isinstance(data["machine"], str) or not 0 < len(data["machine"].encode()) < 256:
                 raise ConfigError("machine", "expected a machine name of 1..255 bytes")
             changes["machine"] = data["machine"]
-        for key in ("send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc"):
+        for key in ("send-configuration", "send-section-footer", "send-vmdesc", "mem-prealloc",
+                    "prefault-while-waiting"):
             if key in data:
                 changes[key.replace("-", "_")] = _parse_bool(data[key], key)
         if "plugins" in data:
@@ -464,6 +470,7 @@ class MigrationConfig:
             "send-section-footer": self.send_section_footer,
             "send-vmdesc": self.send_vmdesc,
             "mem-prealloc": self.mem_prealloc,
+            **({} if self.prefault_while_waiting is None else {"prefault-while-waiting": self.prefault_while_waiting}),
             "transports": dict(self.transports),
             "plugins": {
                 "enable": list(self.plugins.enable),

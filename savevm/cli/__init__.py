@@ -53,6 +53,11 @@ def build_config(args: argparse.Namespace) -> MigrationConfig:
         from attrs import evolve
 
         cfg = evolve(cfg, mem_prealloc=True)
+    if hasattr(args, "no_prefault"):  # savevm incoming: on unless the flag or the config file says off
+        from attrs import evolve
+
+        on = not args.no_prefault and cfg.prefault_while_waiting is not False
+        cfg = evolve(cfg, prefault_while_waiting=on)
     return cfg
 
 
@@ -173,6 +178,9 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
     i.add_argument("--mem-prealloc", action="store_true",
                    help="fault the program's memory in while waiting for the source (QEMU's -mem-prealloc): "
                         "a faster load, but all of it resident even where only zero pages arrive")
+    i.add_argument("--no-prefault", action="store_true",
+                   help="do not fault the program's memory in while waiting (by default it is, where it fits in "
+                        "half the available memory; the load stops it and zero pages give it back)")
     migration_options(i)
     common_options(i)
     i.set_defaults(func=_run("cmd_incoming"))

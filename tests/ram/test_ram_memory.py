@@ -179,3 +179,108 @@ def test_zero_pages_matches_a_byte_by_byte_check(kinds: list[str], byte: int) ->
         elif k == "full":
             data[i] = byte
     assert zero_pages(data).tolist() == [not row.any() for row in data]
+
+
+# ---------------------------------------------------------------- prefault while waiting
+
+
+def test_discard_makes_a_private_range_zero_and_releases_it() -> None:
+    from savevm_ram.memory import discard
+
+    b = RAMBlock.allocate("a", 8 * MIB)
+    b.host[:] = 0x5A
+    assert discard(b.host, 2 * MIB, 4 * MIB)
+    assert not b.host[2 * MIB : 6 * MIB].any()
+    assert (b.host[: 2 * MIB] == 0x5A).all() and (b.host[6 * MIB :] == 0x5A).all()
+    if HAVE_SMAPS:
+        assert resident(b.host) <= 4 * MIB + 64 * 1024
+    assert discard(b.host, 0, 0) is False
+    assert discard(b.host, 1, 10)  # nothing whole inside: nothing to do, nothing changed
+    assert b.host[1] == 0x5A
+
+
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_zero_runs_into_a_discardable_block_equal_the_source(data: st.DataObject) -> None:
+    """Zero runs of any length and alignment over stale data: whole huge pages are discarded, the
+    edges scanned and written, and the result is exactly the source, byte for byte."""
+    pages = 2048  # 8 MiB: several huge pages
+    lo = data.draw(st.integers(0, pages - 1), label="first zero page")
+    hi = data.draw(st.integers(lo + 1, pages), label="end of the zero run")
+    src = np.full((pages, P), 3, dtype=np.uint8)
+    src[lo:hi] = 0
+    dst = RAMBlock.allocate("m", pages * P)
+    assert dst.discardable
+    dst.host.reshape(pages, P)[:, ::512] = 0xEE  # stale data everywhere
+    transfer(RAMList([RAMBlock("m", src.reshape(-1))]), RAMList([dst]))
+    assert np.array_equal(src.reshape(-1), dst.host)
+
+
+@pytest.mark.skipif(not HAVE_SMAPS, reason="needs /proc/self/smaps (Linux) to see what is resident")
+def test_prefault_while_waiting_then_zero_pages_give_the_memory_back() -> None:
+    size = 32 * MIB
+    dst = RAMList([RAMBlock.allocate("m", size)])
+    assert dst.prefault_while_waiting()
+    assert dst._waiting is not None and dst._waiting.wait(30)
+    if dst._waiting.faulted:  # kernels without MADV_POPULATE_WRITE fault nothing ahead
+        assert resident(dst[0].host) >= size - 4 * MIB
+    src = np.zeros(size, dtype=np.uint8)
+    src[size // 2 : size // 2 + P] = 7
+    transfer(RAMList([RAMBlock("m", src)]), dst)
+    assert np.array_equal(src, dst[0].host)
+    assert resident(dst[0].host) <= 4 * MIB  # the one real page's huge page, not 32 MiB
+
+
+def test_prefault_while_waiting_stops_when_the_stream_starts() -> None:
+    dst = RAMList([RAMBlock.allocate("m", 256 * MIB)])
+    assert dst.prefault_while_waiting()
+    w = dst._waiting
+    assert w is not None
+    dst.stop_waiting()  # what load_setup does
+    assert w.wait(5)
+    assert w.faulted < w.total or w.faulted == w.total  # it stopped, or had already finished
+
+
+def test_prefault_while_waiting_is_only_for_memory_it_may_give_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    import savevm_ram.block as block_mod
+
+    # a program's own buffer: never touched, never discarded
+    assert not RAMList([RAMBlock("m", np.zeros(4 * MIB, dtype=np.uint8))]).prefault_while_waiting()
+    # mem-prealloc already faults (and keeps) everything
+    keep = RAMList([RAMBlock.allocate("m", 4 * MIB)], mem_prealloc=True)
+    assert not keep.prefault_while_waiting() and not keep.zero_by_discard
+    # more than half of what the machine has available: skipped rather than pushing it into swap
+    monkeypatch.setattr(block_mod, "available_memory", lambda: 6 * MIB)
+    assert not RAMList([RAMBlock.allocate("m", 4 * MIB)]).prefault_while_waiting()
+    monkeypatch.setattr(block_mod, "available_memory", lambda: 16 * MIB)
+    ok = RAMList([RAMBlock.allocate("m", 4 * MIB)])
+    assert ok.prefault_while_waiting() and ok.zero_by_discard
+    assert not ok.prefault_while_waiting()  # once
+
+
+def test_prefault_config_key_and_incoming_default(tmp_path: Path) -> None:
+    from savevm.cli import build_config, make_parser
+
+    assert MigrationConfig().prefault_while_waiting is None
+    assert "prefault-while-waiting" not in MigrationConfig().as_dict()
+    assert MigrationConfig.from_dict({"prefault-while-waiting": False}).prefault_while_waiting is False
+    p = make_parser()
+    assert build_config(p.parse_args(["incoming", "tcp:127.0.0.1:0", "--guest", "m:f"])).prefault_while_waiting
+    off = p.parse_args(["incoming", "tcp:127.0.0.1:0", "--guest", "m:f", "--no-prefault"])
+    assert build_config(off).prefault_while_waiting is False
+    toml = tmp_path / "c.toml"
+    toml.write_text("prefault-while-waiting = false\n")
+    from_file = p.parse_args(["incoming", "tcp:127.0.0.1:0", "--guest", "m:f", "--config", str(toml)])
+    assert build_config(from_file).prefault_while_waiting is False
+    # the source side is never asked to prefault
+    assert build_config(p.parse_args(["migrate", "tcp:127.0.0.1:1", "--guest", "m:f"])).prefault_while_waiting is None
+
+
+def test_register_ram_starts_prefault_while_waiting_from_config() -> None:
+    ram = RAMList([RAMBlock.allocate("m", 4 * MIB)])
+    register_ram(savevm.SectionRegistry(MigrationConfig(prefault_while_waiting=True)), ram)
+    assert ram._waiting is not None
+    ram.stop_waiting()
+    idle = RAMList([RAMBlock.allocate("m", 4 * MIB)])
+    register_ram(savevm.SectionRegistry(MigrationConfig()), idle)
+    assert idle._waiting is None

@@ -20,10 +20,13 @@ import numpy as np
 
 from savevm.errors import MigrationError, RegistrationError
 from savevm.logging import get_logger
-from savevm_ram.memory import Prefaulter
+from savevm_ram.memory import Prefaulter, available_memory
 from savevm_ram.wire import PAGE_SIZE
 
 log = get_logger("savevm.ram")
+
+#: prefault-while-waiting populates this much per call, so it stops within ~10 ms of the stream's start
+WAITING_STEP = 4 << 20
 
 DirtyProvider = Literal["tracked", "compare"]
 
@@ -87,6 +90,9 @@ class RAMBlock:
         #: the RAM plugin allocated this memory (:meth:`allocate`), nobody else holds it: a
         #: transport may give the block other memory before a load (``ram_block_memory``)
         self.owned = False
+        #: the memory is an anonymous private mapping (:meth:`allocate`): a range can be made zero
+        #: and released with MADV_DONTNEED (:func:`savevm_ram.memory.discard`)
+        self.discardable = False
         # dirty log for the tracked provider: one byte per page
         self._log_lock = threading.Lock()
         self._dirty_log: np.ndarray | None = None
@@ -106,7 +112,7 @@ class RAMBlock:
 
         _, host = allocate(length)
         block = cls(idstr, host, **kwargs)
-        block.owned = True
+        block.owned = block.discardable = True
         return block
 
     def replace_memory(self, buffer: Any) -> None:
@@ -135,6 +141,7 @@ class RAMBlock:
         self.buffer = buffer
         self.mv = mv
         self.host = new
+        self.discardable = False  # a transport's region may be shared: DONTNEED would not zero it
 
     # ------------------------------------------------------------------ info
     @property
@@ -235,6 +242,8 @@ class RAMList:
         self.mem_prealloc = mem_prealloc
         self._prefaulters: list[Prefaulter] = []
         self._prealloc_started = False
+        #: the prefault that runs only while the destination waits (:meth:`prefault_while_waiting`)
+        self._waiting: Prefaulter | None = None
         #: bumped on every add/remove, like ram_list.version (hotplug)
         self.version = 0
         #: destination only: a block the stream announces but this side lacks is created
@@ -264,6 +273,51 @@ class RAMList:
         if jobs:
             log.info("ram_mem_prealloc", blocks=[b.idstr for b in todo], bytes=sum(n for *_, n in jobs))
             self._prefaulters.append(Prefaulter(jobs))
+
+    def prefault_while_waiting(self) -> bool:
+        """Fault the blocks in while the destination waits for its source, and only then.
+
+        ``savevm incoming`` does this by default: the seconds a destination
+        spends waiting (the source starting, preparing its memory,
+        connecting) are free, and a load into present memory runs at copy
+        speed instead of paying a page fault per huge page.  Unlike
+        :meth:`prealloc` it stops as soon as the stream starts
+        (:meth:`stop_waiting`), and ZERO records that land on the blocks
+        release their pages again (the loader :func:`discards
+        <savevm_ram.memory.discard>` them), so a destination that receives
+        mostly zero pages still ends small.  Only blocks the RAM plugin
+        allocated (``discardable``), and only when they fit in half the
+        memory the machine has available: a destination must not push the
+        machine into swap for a speed-up.  True if it started.
+        """
+        if self.mem_prealloc or self._waiting is not None:
+            return False
+        todo = [b for b in self._blocks if b.discardable]
+        total = sum(b.max_length for b in todo)
+        avail = available_memory()
+        if not todo or (avail is not None and total > avail // 2):
+            log.info("ram_prefault_skipped", bytes=total, available=avail)
+            return False
+        log.info("ram_prefault_while_waiting", blocks=[b.idstr for b in todo], bytes=total)
+        self._waiting = Prefaulter([(b.host, 0, b.max_length) for b in todo], name="savevm-prefault",
+                                   step=WAITING_STEP)
+        if self._waiting.exclusive:  # no MADV_POPULATE_WRITE: touching pages could race the loader
+            self._waiting.stop()
+            self._waiting = None
+            return False
+        return True
+
+    def stop_waiting(self) -> None:
+        """The stream has started: end the prefault-while-waiting (without waiting for its last step)."""
+        w = self._waiting
+        if w is not None:
+            w.stop(wait=False)
+            log.info("ram_prefault_stopped", bytes=w.faulted, total=w.total, done=w.done())
+
+    @property
+    def zero_by_discard(self) -> bool:
+        """ZERO records may release a discardable block's pages (not under mem-prealloc, which keeps them)."""
+        return not self.mem_prealloc
 
     def wait_prealloc(self, timeout: float | None = None, *, only_exclusive: bool = False) -> bool:
         """Wait for :meth:`prealloc` to finish; ``only_exclusive``: only where the load may not overlap it."""

@@ -50,6 +50,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
     d.add_argument("--mem-prealloc", action="store_true",
                    help="the destination faults its memory in while it waits (savevm incoming --mem-prealloc)")
+    d.add_argument("--no-prefault", action="store_true",
+                   help="the destination does not fault its memory in while it waits (savevm incoming --no-prefault)")
     d.add_argument("--plot", metavar="FILE.png",
                    help="draw the per-iteration records (pending, sent by kind, downtime, throttle) into a PNG "
                         "(needs matplotlib: pip install 'savevm[plot]')")
@@ -70,7 +72,7 @@ def _registry(cfg: Any) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``savevm demo``: a destination process, this process as the source, and a check."""
-    cfg = attrs.evolve(build_config(args), mem_prealloc=False)  # --mem-prealloc is the destination's
+    cfg = attrs.evolve(build_config(args), mem_prealloc=False, prefault_while_waiting=None)  # the destination's
     if args.plot:
         require_matplotlib()  # before two processes and a fill
     scheme, _, address = args.uri.partition(":")
@@ -88,6 +90,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "120"]
     if args.mem_prealloc:
         dest_cmd.append("--mem-prealloc")
+    if args.no_prefault:
+        dest_cmd.append("--no-prefault")
     if args.corrupt_dest_page is not None:
         dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
     t_fill = time.monotonic()

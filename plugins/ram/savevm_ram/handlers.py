@@ -168,7 +168,9 @@ class RAMHandlers(SaveVMHandlers):
     def load_setup(self) -> None:
         """Fresh decoders from the plugins registered now (ram_load_setup)."""
         self.side = "destination"
-        # mem-prealloc without MADV_POPULATE_WRITE touches pages: it must end before pages arrive
+        # the wait is over: prefault-while-waiting ends here, and mem-prealloc without
+        # MADV_POPULATE_WRITE (it touches pages) must end before pages arrive
+        self.ram.stop_waiting()
         self.ram.wait_prealloc(only_exclusive=True)
         self._counters = RAMCounters(total=self.ram.total_bytes)
         self._transport_state.clear()

@@ -29,6 +29,7 @@ from savevm.errors import (
     VersionMismatchError,
 )
 from savevm_ram.fingerprint import block_fingerprints, digest, fingerprints
+from savevm_ram.memory import discard
 from savevm_ram.pipeline import zero_pages
 from savevm_ram.wire import (
     FLAGS_MASK,
@@ -74,6 +75,9 @@ _BE64_DT = np.dtype(">u8")
 _SHIFT = np.uint64(12)
 #: pages a run of ZERO records is checked in at a time (4 MiB of memory)
 _ZERO_SLICE = 1024
+#: a transparent huge page: zero runs are discarded only in whole ones of these
+_HUGE = 2 << 20
+_HUGE_PAGES = _HUGE // PAGE_SIZE
 
 
 class RAMLoader:
@@ -88,6 +92,8 @@ class RAMLoader:
         self.codecs = codecs
         #: the block named by the last page record (CONTINUE records reuse it, across chunks)
         self.last_block: RAMBlock | None = None
+        #: pages the latest records made zero, in order, with nothing else in between (see _ZeroSpan)
+        self.zero_span: tuple[RAMBlock, _ZeroSpan] | None = None
         self._by_flag: dict[int, PageCodec] = {c.wire_flag: c for c in codecs if c.wire_flag in QEMU_CODEC_FLAGS}
         self._ext: dict[int, PageCodec] = {}
         #: ``verify``: page fingerprints of what arrived, per block (None until the source asks)
@@ -186,6 +192,7 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
                 f"unknown combination of RAM flags 0x{flags:x} (a savevm codec page, but setup announced no codecs)",
                 off)
         if kind in (_ZERO, _PAGE, _XBZRLE, _COMPRESS, _EXT):
+            zspan, rs.zero_span = rs.zero_span, None  # only a zero record continues a zero span
             if flags & _CONT:
                 if block is None:
                     raise CorruptStreamError(
@@ -208,8 +215,13 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
             elif kind == _ZERO:
                 fill = f.get_byte()
                 page = block.host[addr : addr + PAGE_SIZE]
+                a = b = 0
+                if not fill and block.discardable and ram.zero_by_discard:
+                    prev = zspan[1] if zspan is not None and zspan[0] is block else _NO_SPAN
+                    span, a, b = _zero_span_discard(block, prev, addr >> PAGE_BITS, (addr >> PAGE_BITS) + 1)
+                    rs.zero_span = (block, span)
                 # QEMU's is_zero_range check: writing zeros over zeros would fault in untouched memory
-                if fill or page.view(np.uint64).any():
+                if not b > a and (fill or page.view(np.uint64).any()):
                     page[:] = fill
                 counters.duplicate += 1
             elif kind == _EXT:
@@ -247,6 +259,7 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
             rs.last_block = block
             return
         elif flags == _HOOK:
+            rs.zero_span = None  # a transport may write pages here
             handled = rs.hooks.load_hook(rs.rs, f, RAM_CONTROL_HOOK, None)
             if not handled:
                 raise CorruptStreamError("RAM_SAVE_FLAG_HOOK record but no transport plugin handles it", off)
@@ -274,6 +287,10 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
     used = block.used_length
     host = block.host
     pages2d = host[:used].reshape(-1, PAGE_SIZE)
+    discard_ok = block.discardable and rs.ram.zero_by_discard
+    # consecutive contiguous zero runs: whole huge pages inside them are discarded (see _ZeroSpan)
+    span = rs.zero_span[1] if rs.zero_span is not None and rs.zero_span[0] is block else _NO_SPAN
+    rs.zero_span = None
     loaded = 0
     window = _RUN_WINDOW
     while True:
@@ -292,6 +309,7 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             elif fl == _ZERO_C:
                 stride = 9
             elif fl == _COMPRESS_C and rs.inflate is not None:
+                span = _NO_SPAN
                 done, need = _compressed_run(rs, buf, pos, block, used)
                 pos += done[0]
                 loaded += done[1]
@@ -310,10 +328,18 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 if addr >= used:
                     break  # the general path reports the bad record with its offset
                 if fl == _PAGE_C:
+                    span = _NO_SPAN
                     host[addr : addr + PAGE_SIZE] = buf[pos + 8 : pos + 8 + PAGE_SIZE]
                     rs.counters.normal += 1
                 else:
-                    host[addr : addr + PAGE_SIZE] = buf[pos + 8]
+                    fill1 = buf[pos + 8]
+                    if discard_ok and not fill1:
+                        span, a, b = _zero_span_discard(block, span, addr >> PAGE_BITS, (addr >> PAGE_BITS) + 1)
+                        if not b > a and host[addr : addr + PAGE_SIZE].view(np.uint64).any():
+                            host[addr : addr + PAGE_SIZE] = 0
+                    else:
+                        span = _NO_SPAN
+                        host[addr : addr + PAGE_SIZE] = fill1
                     rs.counters.duplicate += 1
                 if rs.fps is not None:
                     rs.note_pages(block, np.array([addr >> PAGE_BITS], dtype=np.intp))
@@ -338,6 +364,7 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             window = min(window * 2, _RUN_WINDOW) if k == window else max(k * 2, _RUN_WINDOW_MIN)
             idx = (addrs >> _SHIFT).astype(np.intp)
             if fl == _PAGE_C:
+                span = _NO_SPAN
                 body = np.ndarray((k, PAGE_SIZE), dtype=np.uint8, buffer=buf, offset=pos + 8,
                                   strides=(stride, 1))
                 first = int(idx[0])
@@ -348,7 +375,21 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 rs.counters.normal += k
             else:
                 fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
-                _apply_zero_run(pages2d, idx, fill)
+                first = int(idx[0])
+                if discard_ok and not fill.any() and (k == 1 or (int(idx[-1]) - first == k - 1
+                                                                 and bool((np.diff(idx) == 1).all()))):
+                    span, a, b = _zero_span_discard(block, span, first, first + k)
+                    if b > a:
+                        # the run's pages outside the discarded huge pages are scanned as usual
+                        if first < a:
+                            _apply_zero_run(pages2d, idx[: a - first], fill[: a - first])
+                        if b < first + k:
+                            _apply_zero_run(pages2d, idx[max(0, b - first) :], fill[max(0, b - first) :])
+                    else:
+                        _apply_zero_run(pages2d, idx, fill)
+                else:
+                    span = _NO_SPAN
+                    _apply_zero_run(pages2d, idx, fill)
                 rs.counters.duplicate += k
             if rs.fps is not None:
                 rs.note_pages(block, idx)
@@ -361,6 +402,8 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
         if f.fill(need) < need:
             break  # truncated: let the general path raise with the offset
     rs.counters.loaded_pages += loaded
+    if span is not _NO_SPAN:
+        rs.zero_span = (block, span)
     return block
 
 
@@ -410,6 +453,59 @@ def _compressed_run(rs: RAMLoader, buf: memoryview, pos: int, block: RAMBlock,
         n += 1
     rs.counters.encoded += n
     return (pos - start, n), need
+
+
+class _ZeroSpan:
+    """Pages ``[start, end)`` of one block that the last runs of ZERO records made zero, in order.
+
+    Runs are cut wherever the staging buffer or the run window ends, so one
+    run rarely covers a whole 2 MiB huge page; the span does.  Every huge page
+    that lies wholly inside it is discarded once (``done`` marks how far),
+    whatever its earlier pages' runs did: they are all meant to be zero.  Any
+    other record ends the span, so a page never counts as zero after a later
+    record wrote it.
+    """
+
+    __slots__ = ("done", "end", "start")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = self.done = start
+        self.end = end
+
+    def extend(self, first: int, end: int) -> _ZeroSpan:
+        """The span after a zero run ``[first, end)``: longer if it continues this one, else a new one."""
+        if first != self.end or self.end < 0:
+            return _ZeroSpan(first, end)
+        self.end = end
+        return self
+
+    def take_huge(self, huge_off: int) -> tuple[int, int]:
+        """Page range of the whole huge pages newly inside the span (empty if none), marked done.
+
+        ``huge_off``: the block's first page's position within its huge page.
+        """
+        a = self.done + (-(self.done + huge_off) % _HUGE_PAGES)
+        b = self.end - ((self.end + huge_off) % _HUGE_PAGES)
+        if b <= a:
+            return 0, 0
+        self.done = b
+        return a, b
+
+
+_NO_SPAN = _ZeroSpan(-1, -1)
+
+
+def _zero_span_discard(block: RAMBlock, span: _ZeroSpan, first: int, end: int) -> tuple[_ZeroSpan, int, int]:
+    """Add zero pages ``[first, end)`` to ``span`` and discard the whole huge pages now inside it.
+
+    Returns the span and the page range discarded (empty when none was, or
+    the kernel refused: then the caller scans those pages as usual).
+    """
+    span = span.extend(first, end)
+    a, b = span.take_huge((int(block.host.ctypes.data) // PAGE_SIZE) % _HUGE_PAGES)
+    if b > a and discard(block.host, a * PAGE_SIZE, (b - a) * PAGE_SIZE):
+        return span, a, b
+    return span, 0, 0
 
 
 def _apply_zero_run(pages2d: np.ndarray, idx: np.ndarray, fill: np.ndarray) -> None:

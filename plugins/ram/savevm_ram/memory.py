@@ -14,13 +14,17 @@ fresh memory pays that inside the migration, on top of the copy.  So:
 * :func:`populate` faults a range in with ``MADV_POPULATE_WRITE`` (Linux 5.14):
   the kernel allocates the pages without changing a byte, so it is safe while
   another thread writes the same memory, and ctypes releases the GIL for it.
-* :class:`Prefaulter` runs populate in a background thread for
-  ``mem-prealloc`` (QEMU's ``-mem-prealloc``): every block is faulted in at
-  start, while ``savevm incoming`` still waits for its source, so the load
-  copies into present memory.  Not the default: it makes the whole block
-  resident, where a destination that receives zero pages otherwise stays
-  small.  (Faulting ahead of the loader in a second thread, during the load,
-  was measured too: on two shared cores it won nothing and sometimes lost.)
+* :class:`Prefaulter` runs populate in a background thread, in two modes:
+  ``mem-prealloc`` (QEMU's ``-mem-prealloc``) faults every block in and keeps
+  it resident; *prefault while waiting* (``savevm incoming``'s default)
+  faults in only while the destination waits for its source, stops when the
+  stream starts, and gives back what zero pages land on (:func:`discard`),
+  so a destination that receives zero pages still ends small.  (Faulting
+  ahead of the loader in a second thread, during the load, was measured too:
+  on two shared cores it won nothing and sometimes lost.)
+* :func:`discard` (``MADV_DONTNEED``) turns a range of an anonymous private
+  mapping back into untouched zero memory: for ZERO records that is both the
+  cheapest way to write them and the way to release what was faulted in.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ log = get_logger("savevm.ram")
 #: Linux madvise advice values (not all Pythons name them)
 MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 #: one populate call at most this long, so a stop request is seen soon
 POPULATE_STEP = 32 << 20
 
@@ -103,6 +108,38 @@ def populate(host: np.ndarray, start: int, length: int) -> bool:
     return bool(fn(lo, hi - lo, MADV_POPULATE_WRITE) == 0)
 
 
+def discard(host: np.ndarray, start: int, length: int) -> bool:
+    """Make ``host[start:start+length]`` read as zero again and release its memory.
+
+    Only for anonymous private mappings (:func:`allocate`): there
+    ``MADV_DONTNEED`` drops the pages and the next read maps the shared zero
+    page.  (On shared memory it would not zero anything, so callers check the
+    block's ``discardable``.)  Page-aligns the range inward; False if the
+    kernel refused, and then nothing may be assumed about the range.
+    """
+    fn = _libc().madvise
+    if fn is None or length <= 0:
+        return False
+    base = _address(host)
+    lo = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = (base + start + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi <= lo:
+        return True
+    return bool(fn(lo, hi - lo, MADV_DONTNEED) == 0)
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _touch(host: np.ndarray, start: int, length: int) -> None:
     """Fault pages in by rewriting one byte of each (only safe while nobody else writes them)."""
     view = host[start : start + length]
@@ -118,8 +155,10 @@ class Prefaulter:
     until :meth:`wait` returns (the loader waits before its first record).
     """
 
-    def __init__(self, jobs: list[tuple[np.ndarray, int, int]], name: str = "savevm-mem-prealloc") -> None:
+    def __init__(self, jobs: list[tuple[np.ndarray, int, int]], name: str = "savevm-mem-prealloc",
+                 step: int = POPULATE_STEP) -> None:
         self._jobs = jobs
+        self._step = step
         self._stop = threading.Event()
         self._done = threading.Event()
         # probe once, before the thread runs: the loader decides from this whether to wait
@@ -133,7 +172,7 @@ class Prefaulter:
     def _run(self) -> None:
         try:
             for host, start, length in self._jobs:
-                for a, n in _steps(start, length):
+                for a, n in _steps(start, length, self._step):
                     if self._stop.is_set():
                         return
                     if self.exclusive:
@@ -154,17 +193,17 @@ class Prefaulter:
         """Block until every range is faulted in (or ``timeout``); True if so."""
         return self._done.wait(timeout)
 
-    def stop(self) -> None:
-        """Stop after the step in progress and wait for the thread to end."""
+    def stop(self, wait: bool = True) -> None:
+        """Stop after the step in progress; ``wait``: until the thread has ended."""
         self._stop.set()
-        if self._thread is not threading.current_thread():
+        if wait and self._thread is not threading.current_thread():
             self._thread.join()
 
 
-def _steps(start: int, length: int) -> Iterator[tuple[int, int]]:
+def _steps(start: int, length: int, step: int = POPULATE_STEP) -> Iterator[tuple[int, int]]:
     end = start + length
     a = start
     while a < end:
-        n = min(POPULATE_STEP, end - a)
+        n = min(step, end - a)
         yield a, n
         a += n
