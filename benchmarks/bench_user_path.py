@@ -1,7 +1,7 @@
 """The user's path: two fresh processes through the CLI, beside same-run plain socket copies.
 
 Run: ``python benchmarks/bench_user_path.py`` (``--size`` default 1G, ``--runs`` default 3,
-medians reported; ``--rows`` a comma list of random,zero,rdma,compress,prealloc).
+medians reported; ``--rows`` a comma list of random,zero,rdma,compress,prealloc,noprefault).
 
 Every savevm figure is what a user gets from ``savevm incoming`` and ``savevm migrate`` started
 as two fresh Python processes (``python -m savevm.cli``), the program being
@@ -26,7 +26,10 @@ Rows:
 * ``compress`` -- ``--fill text`` (English-like text) with ``--capability compress``: GiB/s of RAM
   and bytes on the wire per byte of RAM;
 * ``prealloc`` -- the random row with ``savevm incoming --mem-prealloc`` (the destination faults
-  its memory in while it waits for the source).
+  all of its memory in and keeps it);
+* ``noprefault`` -- the random (and, with ``rdma``, the rdma) row with ``savevm incoming
+  --no-prefault``: the destination does not fault its memory in while it waits (the default
+  before prefault-while-waiting; the baseline that shows what it buys).
 """
 
 from __future__ import annotations
@@ -189,8 +192,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G", help="RAM (and plain copy) size, default 1G")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure, medians reported (default 3)")
-    ap.add_argument("--rows", default="random,zero,rdma,compress,prealloc",
-                    help="comma list of random,zero,rdma,compress,prealloc")
+    ap.add_argument("--rows", default="random,zero,rdma,compress,prealloc,noprefault",
+                    help="comma list of random,zero,rdma,compress,prealloc,noprefault")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("--uri", help=argparse.SUPPRESS)
     ap.add_argument("--reused", action="store_true", help=argparse.SUPPRESS)
@@ -232,6 +235,9 @@ def main() -> None:
     if "prealloc" in rows:
         res = _median_runs(lambda: cli_migration(size, "random", incoming_flags=("--mem-prealloc",)), runs)
         row("savevm random, tcp, incoming --mem-prealloc", res, reused, "reused copy")
+    if "noprefault" in rows:
+        res = _median_runs(lambda: cli_migration(size, "random", incoming_flags=("--no-prefault",)), runs)
+        row("savevm random, tcp, incoming --no-prefault", res, reused, "reused copy")
     if "zero" in rows:
         res = _median_runs(lambda: cli_migration(size, "zero"), runs)
         sec = row("savevm all-zero, tcp", res, None, "")
@@ -246,6 +252,10 @@ def main() -> None:
         sec = row("savevm random, rdma (rdma_stub)", res, tcp_random, "tcp")
         verdicts.append(f"rdma: {tcp_random / sec:.2f}x tcp (target >= {TARGET_RDMA_SPEEDUP}x) "
                         f"{'MET' if tcp_random / sec >= TARGET_RDMA_SPEEDUP else 'NOT MET'}")
+        if "noprefault" in rows:
+            res = _median_runs(lambda: cli_migration(size, "random", scheme="rdma",
+                                                     incoming_flags=("--no-prefault",)), runs)
+            row("savevm random, rdma, incoming --no-prefault", res, tcp_random, "tcp")
     if "compress" in rows:
         res = _median_runs(lambda: cli_migration(size, "text", capabilities=("compress",)), runs)
         sec = row("savevm text, tcp, compress", res, None, "")
