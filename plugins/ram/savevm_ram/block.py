@@ -244,6 +244,7 @@ class RAMList:
         self._prealloc_started = False
         #: the prefault that runs only while the destination waits (:meth:`prefault_while_waiting`)
         self._waiting: Prefaulter | None = None
+        self._waiting_stopped = False
         #: bumped on every add/remove, like ram_list.version (hotplug)
         self.version = 0
         #: destination only: a block the stream announces but this side lacks is created
@@ -275,20 +276,21 @@ class RAMList:
             self._prefaulters.append(Prefaulter(jobs))
 
     def prefault_while_waiting(self) -> bool:
-        """Fault the blocks in while the destination waits for its source, and only then.
+        """Fault the blocks in while the destination waits for its source, until zero pages come.
 
         ``savevm incoming`` does this by default: the seconds a destination
         spends waiting (the source starting, preparing its memory,
         connecting) are free, and a load into present memory runs at copy
         speed instead of paying a page fault per huge page.  Unlike
-        :meth:`prealloc` it stops as soon as the stream starts
-        (:meth:`stop_waiting`), and ZERO records that land on the blocks
+        :meth:`prealloc` it stops at the first ZERO record that lands on a
+        block (:meth:`stop_waiting`, called by the loader), and ZERO records
         release their pages again (the loader :func:`discards
         <savevm_ram.memory.discard>` them), so a destination that receives
-        mostly zero pages still ends small.  Only blocks the RAM plugin
-        allocated (``discardable``), and only when they fit in half the
-        memory the machine has available: a destination must not push the
-        machine into swap for a speed-up.  True if it started.
+        mostly zero pages still ends small, while one that receives data
+        keeps faulting ahead of it.  Only blocks the RAM plugin allocated
+        (``discardable``), and only when they fit in half the memory the
+        machine has available: a destination must not push the machine into
+        swap for a speed-up.  True if it started.
         """
         if self.mem_prealloc or self._waiting is not None:
             return False
@@ -308,9 +310,10 @@ class RAMList:
         return True
 
     def stop_waiting(self) -> None:
-        """The stream has started: end the prefault-while-waiting (without waiting for its last step)."""
+        """Zero pages are arriving: end the prefault (without waiting for its last step), once."""
         w = self._waiting
-        if w is not None:
+        if w is not None and not self._waiting_stopped:
+            self._waiting_stopped = True
             w.stop(wait=False)
             log.info("ram_prefault_stopped", bytes=w.faulted, total=w.total, done=w.done())
 

@@ -168,9 +168,8 @@ class RAMHandlers(SaveVMHandlers):
     def load_setup(self) -> None:
         """Fresh decoders from the plugins registered now (ram_load_setup)."""
         self.side = "destination"
-        # the wait is over: prefault-while-waiting ends here, and mem-prealloc without
-        # MADV_POPULATE_WRITE (it touches pages) must end before pages arrive
-        self.ram.stop_waiting()
+        # mem-prealloc without MADV_POPULATE_WRITE touches pages: it must end before pages arrive
+        # (prefault-while-waiting runs on until the first zero page: see RAMLoader)
         self.ram.wait_prealloc(only_exclusive=True)
         self._counters = RAMCounters(total=self.ram.total_bytes)
         self._transport_state.clear()
