@@ -92,7 +92,9 @@ PLUGIN_IMPORTS_ALLOWED = {("savevm_xbzrle", "savevm_ram"), ("savevm_rdma_stub", 
 CORE_CLI_ADAPTERS = {"savevm/cli/qemu_guest.py", "savevm/cli/analyze.py", "savevm/cli/rewrite.py"}
 #: optional extras: module -> {third-party module it may import, inside functions only: the extra that declares it}
 #: (each must say what to install when it is missing: checked by test_optional_extra_says_what_to_install)
-OPTIONAL_EXTRA_IMPORTS = {"savevm/cli/plot.py": {"matplotlib": "plot"}}
+OPTIONAL_EXTRA_IMPORTS = {"savevm/cli/plot.py": {"matplotlib": "plot"},
+                          # an accelerator: without it zlib-ng compresses (nothing to install, nothing fails)
+                          "plugins/ram/savevm_ram/compress.py": {"isal": "isal"}}
 
 
 def _package_files(pkg: str) -> list[Path]:
