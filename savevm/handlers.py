@@ -130,6 +130,15 @@ class SaveVMHandlers:
         """The source asked for ``verify`` (destination, before any chunk): start hashing what arrives."""
 
     # ---------------------------------------------------------------- destination
+    def load_listening(self, scheme: str) -> None:
+        """The destination listens on a ``scheme`` transport and waits for its source.
+
+        Called once, before any stream arrives (QEMU has no such step): the
+        time until the source connects is free, so a section may prepare
+        what the transport will need, for instance memory a transport that
+        writes pages straight into the destination provides.
+        """
+
     def load_setup(self) -> None:
         """Prepare to receive (allocate decode buffers, ...), before the stream is parsed."""
 

@@ -820,6 +820,10 @@ class Incoming(MigrationBase):
             self.uri = self._listener.uri
             self.log = self.log.bind(uri=self.uri)
             self.log.info("migration_incoming_listen", uri=self.uri)
+            scheme = self.uri.partition(":")[0]  # the listener's own scheme: what carries the stream
+            for e in self.registry.live():
+                if e.handlers is not None:
+                    e.handlers.load_listening(scheme)
         return self.uri or "channel"
 
     def start(self) -> None:

@@ -12,6 +12,7 @@ import ram_strategies as rs
 
 import savevm
 from savevm.channels.memory import MemoryChannel
+from savevm.migration import Incoming
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
 from savevm.save import StreamWriter
@@ -497,3 +498,63 @@ def test_block_memory_none_keeps_the_block() -> None:
     load_into(stream, RAMList([owned]), Declines())
     assert owned.host is host
     assert bytes(host) == bytes(ram.find("a").host)  # type: ignore[union-attr]
+
+
+class EarlyGiver(MemoryGiver):
+    """Offers memory while the destination waits (only for one scheme), and the same memory again."""
+
+    def __init__(self, scheme: str) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.early: list[tuple[str, str]] = []
+
+    @hookimpl
+    def ram_incoming_memory(self, rs: Any, scheme: str, block: RAMBlock) -> Any:
+        self.early.append((scheme, block.idstr))
+        if scheme != self.scheme:
+            return None
+        mem = self.given[block.idstr] = bytearray(block.max_length)
+        return mem
+
+    @hookimpl
+    def ram_block_memory(self, rs: Any, f: QEMUFile, block: RAMBlock) -> Any:
+        self.offered.append((block.idstr, block.used_length, block.max_length))
+        return self.given.get(block.idstr)
+
+
+def test_hook_ram_incoming_memory() -> None:
+    """Listening moves owned blocks onto the transport's memory before any stream; the load keeps them there."""
+    ram = src_ram({"a": 10, "bb": 30})
+    stream, _ = migrate(registry_with(ram)[0])
+    owned = RAMBlock.allocate("a", 10 * P)
+    owned.host[5] = 9  # bytes already there move with the block
+    program = RAMBlock("bb", bytearray(30 * P))
+    dst = RAMList([owned, program])
+    giver = EarlyGiver("tcp")
+    reg, handlers = registry_with(dst, giver)
+    inc = Incoming(reg, "tcp:127.0.0.1:0")
+    try:
+        inc.listen()
+        assert giver.early == [("tcp", "a")]  # a program's own buffer is never offered
+        assert owned.buffer is giver.given["a"] and giver.given["a"][5] == 9
+        assert owned.discardable is False  # the transport's memory is not for MADV_DONTNEED
+    finally:
+        inc.cancel()
+    savevm.load_stream(QEMUFile(MemoryChannel(stream)), reg)
+    assert giver.offered == [("a", 10 * P, 10 * P)]  # offered again with the stream: the same memory
+    assert owned.buffer is giver.given["a"]
+    assert_same(ram, dst)
+    assert bytes(giver.given["a"]) == bytes(ram.find("a").host)  # type: ignore[union-attr]
+
+
+def test_incoming_memory_only_for_the_transports_own_scheme() -> None:
+    owned = RAMBlock.allocate("a", 4 * P)
+    host = owned.host
+    giver = EarlyGiver("rdma")
+    reg, _ = registry_with(RAMList([owned]), giver)
+    inc = Incoming(reg, "tcp:127.0.0.1:0")
+    try:
+        inc.listen()
+    finally:
+        inc.cancel()
+    assert giver.early == [("tcp", "a")] and owned.host is host and owned.discardable

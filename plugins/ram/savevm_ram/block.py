@@ -129,6 +129,10 @@ class RAMBlock:
             raise RegistrationError(f"{self.idstr}: replacement memory must be writable and hold "
                                     f"{self.max_length} bytes, got {len(mv)}{' (read-only)' if mv.readonly else ''}")
         new = np.frombuffer(mv, dtype=np.uint8)
+        if new.ctypes.data == self.host.ctypes.data:
+            # the memory the block already lives on (offered early, then again with the stream)
+            self.buffer, self.mv, self.host = buffer, mv, new
+            return
         from savevm_ram.pipeline import zero_pages
 
         step = 1024

@@ -81,6 +81,12 @@ class RAMHooks:
             return None
         return self.plugins.pm.hook.ram_block_memory(rs=rs, f=f, block=block)
 
+    def incoming_memory(self, rs: RAMState, scheme: str, block: RAMBlock) -> Any | None:
+        """``ram_incoming_memory``: a transport's memory for an owned block before any stream, or None."""
+        if self.plugins is None or not self.plugins.pm.hook.ram_incoming_memory.get_hookimpls():
+            return None
+        return self.plugins.pm.hook.ram_incoming_memory(rs=rs, scheme=scheme, block=block)
+
     # ------------------------------------------------------------ codecs
     def page_codecs(self, config: MigrationConfig) -> list[PageCodec]:
         """Fresh codecs for one migration from ``ram_page_codecs``, in priority order.

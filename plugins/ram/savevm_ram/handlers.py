@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from savevm.handlers import SaveContext, SaveVMHandlers
+from savevm.logging import get_logger
 from savevm_ram.control import RAMHooks
 from savevm_ram.fingerprint import block_fingerprints, digest
 from savevm_ram.load import RAMLoader
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from savevm_ram.block import RAMList
     from savevm_ram.codecs import PageCodec
 
+
+log = get_logger("savevm.ram")
 
 class RAMHandlers(SaveVMHandlers):
     """The ``ram`` section of one registry, either side of a migration."""
@@ -165,6 +168,21 @@ class RAMHandlers(SaveVMHandlers):
             self.saver.bitmap.stop()
 
     # ================================================================ destination
+    def load_listening(self, scheme: str) -> None:
+        """Owned blocks may move onto a transport's memory now, while the destination waits."""
+        moved = []
+        for block in self.ram:
+            if not block.owned:
+                continue
+            memory = self.hooks.incoming_memory(self, scheme, block)
+            if memory is not None:
+                block.replace_memory(memory)
+                moved.append(block.idstr)
+        if moved:
+            # the prefault of the memory they left would only fault in memory nobody uses
+            self.ram.stop_waiting()
+            log.info("ram_incoming_memory", scheme=scheme, blocks=moved)
+
     def load_setup(self) -> None:
         """Fresh decoders from the plugins registered now (ram_load_setup)."""
         self.side = "destination"

@@ -148,3 +148,25 @@ def ram_page_codecs(config: MigrationConfig) -> list[PageCodec] | None:
     :return: a list of :class:`~savevm_ram.codecs.PageCodec` objects, fresh
         for this migration (they hold per-migration state), or None.
     """
+
+
+@hookspec(firstresult=True)
+def ram_incoming_memory(rs: RAMState, scheme: str, block: RAMBlock) -> Any | None:
+    """Offer memory for an owned block while the destination waits for its source.
+
+    Called on the destination once per block :meth:`RAMBlock.allocate
+    <savevm_ram.block.RAMBlock.allocate>` made, when ``savevm incoming``
+    (:class:`savevm.migration.Incoming`) starts listening and before any stream: the
+    early form of :func:`ram_block_memory`, for a transport that knows from
+    its scheme alone that it will write pages into memory it provides.  The
+    block moves onto the memory at once, so the transport can allocate and
+    fault it in during time that is otherwise idle.  When the stream's block
+    list arrives, :func:`ram_block_memory` is still called for the block: a
+    transport returns the same memory again (the move is then free).
+
+    :param rs: the RAM section that will load the stream.
+    :param scheme: the listener's URI scheme (``rdma``, ``tcp``, ...).
+    :param block: the owned block, with the ``max_length`` the program gave it.
+    :return: a writable buffer of at least ``block.max_length`` bytes that stays valid
+        for the block's lifetime, or None to leave the block's memory alone.
+    """

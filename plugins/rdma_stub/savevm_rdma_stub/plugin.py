@@ -52,6 +52,7 @@ import os
 import secrets
 import struct
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -342,12 +343,34 @@ def _dst(rs: RAMState) -> _DestState:
     return st
 
 
+#: regions made while the destination waited (ram_incoming_memory), by block, until its stream
+#: registers them (weak: a block that is dropped takes its region's descriptor with it)
+_AHEAD: weakref.WeakKeyDictionary[RAMBlock, _Region] = weakref.WeakKeyDictionary()
+
+
+@hookimpl
+def ram_incoming_memory(rs: RAMState, scheme: str, block: RAMBlock) -> Any | None:
+    """Listening on rdma: make the block's region now, so it is allocated while the destination waits.
+
+    RDMA registers (and so allocates) memory before anything is written;
+    doing it at listen time takes the shared memory's page allocation
+    (4 KiB pages: about a second per GiB here) out of the migration.
+    """
+    if scheme != RdmaTransport.scheme or block in _AHEAD:
+        return None
+    region = _AHEAD[block] = _Region(block.max_length)
+    log.debug("rdma_region_ahead", block=block.idstr, bytes=block.max_length)
+    return region.data[: block.max_length]
+
+
 @hookimpl
 def ram_block_memory(rs: RAMState, f: QEMUFile, block: RAMBlock) -> Any | None:
     """An owned block moves into its region, so remote writes land in the block itself."""
     if not _is_rdma(f):
         return None
-    region = _Region(block.max_length)
+    region = _AHEAD.pop(block, None)
+    if region is None or region.fd < 0 or region.size < HEADER + block.max_length:
+        region = _Region(block.max_length)
     _dst(rs).direct[block.idstr] = region
     log.debug("rdma_register_block", block=block.idstr, direct=True)
     return region.data[: block.max_length]
