@@ -87,20 +87,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dest_cmd = [sys.executable, "-m", "savevm.cli", "incoming", args.uri, "--print-uri", "--json",
                 "--guest", "savevm_ram.demo:DemoProgram", "--guest-arg", f"size={args.size}",
                 "--guest-arg", f"blocks={args.blocks}", "--guest-arg", "role=destination",
-                "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "120"]
+                "--log-format", args.log_format, "--log-level", args.log_level, "--timeout", "600"]
     if args.mem_prealloc:
         dest_cmd.append("--mem-prealloc")
     if args.no_prefault:
         dest_cmd.append("--no-prefault")
     if args.corrupt_dest_page is not None:
         dest_cmd += ["--guest-arg", f"corrupt_page={args.corrupt_dest_page}"]
-    t_fill = time.monotonic()
-    prog = DemoProgram(size=args.size, blocks=args.blocks, fill=args.fill, dirty_rate=args.dirty_rate,
-                       role="source", dirty=args.dirty_tracking, working_set=args.working_set,
-                       dirty_pattern=args.dirty_pattern)
-    fill_s = time.monotonic() - t_fill
+    # the destination starts first: while this process fills its memory, it is already waiting
+    # (and faulting its own memory in), as a real destination waits for its source
     dest = subprocess.Popen(dest_cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
+        t_fill = time.monotonic()
+        prog = DemoProgram(size=args.size, blocks=args.blocks, fill=args.fill, dirty_rate=args.dirty_rate,
+                           role="source", dirty=args.dirty_tracking, working_set=args.working_set,
+                           dirty_pattern=args.dirty_pattern)
+        fill_s = time.monotonic() - t_fill
         assert dest.stdout is not None
         uri = dest.stdout.readline().strip()
         if not uri or uri.startswith("{"):
