@@ -128,3 +128,82 @@ def test_random_schedule_migrates_exactly(steps: list[tuple[str, int, int, int]]
     rs.load_bytes(ch.getvalue(), dst)
     for b in src:
         assert bytes(dst.find(b.idstr).buffer) == b.host.tobytes(), b.idstr
+
+
+# ---------------------------------------------------------------- zero spans discarded in whole huge pages
+BIG = 2048  # pages (8 MiB): four huge pages
+
+
+@st.composite
+def run_chunks(draw: st.DrawFn) -> list[list[tuple[int, int, str]]]:
+    """Chunks of contiguous runs (first page, length, "zero" | "data" | "fill"), long enough to cover
+    huge pages and to continue across chunk ends, revisiting pages in later chunks."""
+    chunks = []
+    ends: list[int] = []  # where earlier runs ended: a later run may continue exactly there
+    for _ in range(draw(st.integers(1, 5))):
+        runs = []
+        for _ in range(draw(st.integers(0, 5))):
+            picks = st.sampled_from([0, 1, 300, 511, 512, 1000, 1024, 1535, 2047]) | st.integers(0, BIG - 1)
+            if ends:
+                picks = picks | st.sampled_from(ends)
+            first = draw(picks)
+            n = draw(st.integers(1, min(1100, BIG - first)))
+            runs.append((first, n, draw(st.sampled_from(["zero", "zero", "data", "fill"]))))
+            if first + n < BIG:
+                ends.append(first + n)
+        chunks.append(runs)
+    return chunks
+
+
+def _ops(chunks: list[list[tuple[int, int, str]]], seed: int) -> list[list[rs.PageOp]]:
+    """Page records; every other run starts with a record naming its block (the loader's general
+    path), the rest use CONTINUE (its fast path)."""
+    out: list[list[rs.PageOp]] = []
+    emitted = False
+    for c, runs in enumerate(chunks):
+        ops = []
+        for r, (first, n, kind) in enumerate(runs):
+            named = (c + r) % 2 == 0 or not emitted  # the stream's first record must name its block
+            emitted = True
+            for k in range(n):
+                ops.append(rs.PageOp(0, first + k, kind != "data", 0x5A if kind == "fill" else 0,
+                                     seed + 7919 * c + 104729 * r + k, cont=not (named and k == 0)))
+        out.append(ops)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(chunks=run_chunks(), seed=st.integers(0, 1 << 20),
+       reads=st.lists(st.integers(1, 70000), min_size=1, max_size=8) | st.just([]))
+# data written inside a zero span, then the span continued over the whole huge page: in one chunk,
+# and with the data in a later chunk (the general path's first record of a chunk)
+@example(chunks=[[(0, 300, "zero"), (100, 10, "data"), (300, 400, "zero")]], seed=1, reads=[])
+@example(chunks=[[(0, 300, "zero")], [(100, 1, "data"), (300, 400, "zero")]], seed=2, reads=[])
+@example(chunks=[[(0, 300, "zero")], [(100, 1, "data"), (300, 400, "zero")]], seed=3, reads=[4200, 9, 1])
+@example(chunks=[[], [(0, 300, "zero"), (100, 1, "data"), (300, 400, "zero")]], seed=4, reads=[])  # named data
+def test_zero_spans_in_discardable_memory_reload_to_model(chunks: list[list[tuple[int, int, str]]], seed: int,
+                                                          reads: list[int]) -> None:
+    """Memory the RAM plugin allocated gives whole huge pages back for zero spans (MADV_DONTNEED);
+    whatever the order of zero, data and filled pages across chunks, and wherever reads cut the
+    runs, the block ends as the simple model says: a discard never takes a page a later record wrote."""
+    ops = _ops(chunks, seed)
+    block = RAMBlock.allocate("a", BIG * P)
+    assert block.discardable
+    block.host.reshape(BIG, P)[:, ::509] = 0xC3  # stale bytes everywhere
+    mem = [bytearray(block.host.tobytes())]
+    rs.model_apply(mem, ops)
+    sb = rs.StreamBuilder()
+    sb.start()
+    sb.add(rs.setup_payload([("a", BIG * P)]))
+    sb.footer()
+    for i, c in enumerate(ops):
+        sb.part(end=i == len(ops) - 1)
+        sb.add(rs.encode_ops(c, ["a"]))
+        sb.footer()
+    stream = sb.eof()
+    ch = rs.ChunkedChannel(stream, reads) if reads else MemoryChannel(stream)
+    rs.load_bytes(b"", RAMList([block]), channel=ch)
+    got = block.host.reshape(BIG, P)
+    want = np.frombuffer(bytes(mem[0]), dtype=np.uint8).reshape(BIG, P)
+    bad = np.flatnonzero((got != want).any(axis=1))
+    assert not len(bad), f"{len(bad)} pages differ, first {int(bad[0])}"
