@@ -17,11 +17,12 @@ fresh memory pays that inside the migration, on top of the copy.  So:
 * :class:`Prefaulter` runs populate in a background thread, in two modes:
   ``mem-prealloc`` (QEMU's ``-mem-prealloc``) faults every block in and keeps
   it resident; *prefault while waiting* (``savevm incoming``'s default)
-  faults in only while the destination waits for its source, stops when the
-  stream starts, and gives back what zero pages land on (:func:`discard`),
-  so a destination that receives zero pages still ends small.  (Faulting
-  ahead of the loader in a second thread, during the load, was measured too:
-  on two shared cores it won nothing and sometimes lost.)
+  starts while the destination waits for its source, runs on into a stream
+  of data, stops at the first zero page, and gives back what zero pages land
+  on (:func:`discard`), so a destination that receives zero pages still ends
+  small.  (Faulting ahead of the loader in a second thread that starts only
+  with the load was measured too: on two shared cores it won nothing and
+  sometimes lost.  The head start while waiting is what pays.)
 * :func:`discard` (``MADV_DONTNEED``) turns a range of an anonymous private
   mapping back into untouched zero memory: for ZERO records that is both the
   cheapest way to write them and the way to release what was faulted in.
