@@ -180,7 +180,7 @@ def make_parser(plugins: Any = None) -> argparse.ArgumentParser:
                         "a faster load, but all of it resident even where only zero pages arrive")
     i.add_argument("--no-prefault", action="store_true",
                    help="do not fault the program's memory in while waiting (by default it is, where it fits in "
-                        "half the available memory; the load stops it and zero pages give it back)")
+                        "half the available memory; the first zero page stops it and zero pages give it back)")
     migration_options(i)
     common_options(i)
     i.set_defaults(func=_run("cmd_incoming"))
