@@ -55,7 +55,7 @@ class FileTransport:
     """``file:PATH``: outgoing creates/truncates, incoming reads.
 
     The outgoing side writes a new 0600 file with an unpredictable name next
-    to PATH (``.NAME.XXXX.part``, created with O_EXCL so no planted symlink
+    to PATH (``.NAME.<random>.part``, created with O_EXCL so no planted symlink
     is followed) and renames it over PATH on close, so a failed migration
     never leaves a truncated file where a good one was.
     """

@@ -38,6 +38,7 @@ from savevm.config import MigrationConfig
 from savevm.errors import ChannelError, MigrationError, PluginError, UnknownSectionError
 from savevm.format import TARGET_PAGE_SIZE, Command, SectionType
 from savevm.handlers import SaveVMHandlers
+from savevm.host import mem_available
 from savevm.load import StreamLoader
 from savevm.plugins import PluginHost
 from savevm.qemufile import QEMUFile
@@ -66,13 +67,9 @@ def available_memory() -> int:
     machine has is refused before anything is allocated, rather than
     failing (or swapping) half-way through.
     """
-    try:
-        with open("/proc/meminfo", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    avail = mem_available()
+    if avail is not None:
+        return avail
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):

@@ -258,9 +258,9 @@ def test_prefault_while_waiting_is_only_for_memory_it_may_give_back(monkeypatch:
     keep = RAMList([RAMBlock.allocate("m", 4 * MIB)], mem_prealloc=True)
     assert not keep.prefault_while_waiting() and not keep.zero_by_discard
     # more than half of what the machine has available: skipped rather than pushing it into swap
-    monkeypatch.setattr(block_mod, "available_memory", lambda: 6 * MIB)
+    monkeypatch.setattr(block_mod, "mem_available", lambda: 6 * MIB)
     assert not RAMList([RAMBlock.allocate("m", 4 * MIB)]).prefault_while_waiting()
-    monkeypatch.setattr(block_mod, "available_memory", lambda: 16 * MIB)
+    monkeypatch.setattr(block_mod, "mem_available", lambda: 16 * MIB)
     ok = RAMList([RAMBlock.allocate("m", 4 * MIB)])
     assert ok.prefault_while_waiting() and ok.zero_by_discard
     assert not ok.prefault_while_waiting()  # once

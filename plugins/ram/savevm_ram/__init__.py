@@ -47,7 +47,7 @@ def register_ram(registry: SectionRegistry, ram: RAMList, *, instance_id: int = 
     if registry.config.mem_prealloc and not ram.mem_prealloc:
         ram.prealloc()  # -mem-prealloc: fault the memory in now, while the destination waits
     elif registry.config.prefault_while_waiting:
-        ram.prefault_while_waiting()  # the same, but only until the stream starts, and zero pages give it back
+        ram.prefault_while_waiting()  # the same, until the first zero page, and zero pages give it back
     handlers = RAMHandlers(ram, config=registry.config, plugins=plugins)
     registry.register_live(RAM_IDSTR, instance_id, RAM_SECTION_VERSION, handlers)
     return handlers

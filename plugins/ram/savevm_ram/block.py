@@ -19,13 +19,14 @@ from typing import Any, Literal
 import numpy as np
 
 from savevm.errors import MigrationError, RegistrationError
+from savevm.host import mem_available
 from savevm.logging import get_logger
-from savevm_ram.memory import Prefaulter, available_memory
+from savevm_ram.memory import Prefaulter
 from savevm_ram.wire import PAGE_SIZE
 
 log = get_logger("savevm.ram")
 
-#: prefault-while-waiting populates this much per call, so it stops within ~10 ms of the stream's start
+#: prefault-while-waiting populates this much per call, so it stops within ~10 ms of the first zero page
 WAITING_STEP = 4 << 20
 
 DirtyProvider = Literal["tracked", "compare"]
@@ -300,7 +301,7 @@ class RAMList:
             return False
         todo = [b for b in self._blocks if b.discardable]
         total = sum(b.max_length for b in todo)
-        avail = available_memory()
+        avail = mem_available()
         if not todo or (avail is not None and total > avail // 2):
             log.info("ram_prefault_skipped", bytes=total, available=avail)
             return False

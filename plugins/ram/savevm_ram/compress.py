@@ -68,23 +68,25 @@ BATCH = 32
 
 
 @functools.cache
-def _isal_compress() -> Callable[..., bytes] | None:
-    """ISA-L's zlib-format compress, if the optional ``isal`` package is installed (looked up once)."""
+def _isal_zlib() -> Any | None:
+    """ISA-L's zlib-format module, if the optional ``isal`` package is installed (looked up once)."""
     try:
         from isal import isal_zlib
     except ImportError:
         return None
-    return isal_zlib.compress  # type: ignore[no-any-return]
+    return isal_zlib
 
 
-@functools.cache
+def _isal_compress() -> Callable[..., bytes] | None:
+    """ISA-L's compress, or None without the ``isal`` extra."""
+    mod = _isal_zlib()
+    return None if mod is None else mod.compress  # type: ignore[no-any-return]
+
+
 def _inflate() -> Callable[[Any], bytes]:
     """The fastest installed whole-buffer zlib inflate (ISA-L's, else zlib-ng's)."""
-    try:
-        from isal import isal_zlib
-    except ImportError:
-        return zlib_ng.decompress  # type: ignore[no-any-return]
-    return isal_zlib.decompress  # type: ignore[no-any-return]
+    mod = _isal_zlib()
+    return zlib_ng.decompress if mod is None else mod.decompress  # type: ignore[no-any-return]
 
 
 def page_compressor(level: int) -> tuple[str, Callable[[Any], bytes]]:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = get_logger("savevm.ram")
 
+
 class RAMHandlers(SaveVMHandlers):
     """The ``ram`` section of one registry, either side of a migration."""
 

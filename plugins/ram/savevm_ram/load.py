@@ -218,7 +218,8 @@ def ram_load(rs: RAMLoader, f: QEMUFile, version_id: int) -> None:
                 a = b = 0
                 if not fill and block.discardable and ram.zero_by_discard:
                     prev = zspan[1] if zspan is not None and zspan[0] is block else _NO_SPAN
-                    span, a, b = _zero_span_discard(rs, block, prev, addr >> PAGE_BITS, (addr >> PAGE_BITS) + 1)
+                    span, a, b = _zero_span_discard(rs, block, prev, addr >> PAGE_BITS, (addr >> PAGE_BITS) + 1,
+                                                    _huge_off(block))
                     rs.zero_span = (block, span)
                 # QEMU's is_zero_range check: writing zeros over zeros would fault in untouched memory
                 if not b > a and (fill or page.view(np.uint64).any()):
@@ -291,6 +292,7 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
     # consecutive contiguous zero runs: whole huge pages inside them are discarded (see _ZeroSpan)
     span = rs.zero_span[1] if rs.zero_span is not None and rs.zero_span[0] is block else _NO_SPAN
     rs.zero_span = None
+    huge_off = _huge_off(block) if discard_ok else 0
     loaded = 0
     window = _RUN_WINDOW
     while True:
@@ -334,7 +336,8 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 else:
                     fill1 = buf[pos + 8]
                     if discard_ok and not fill1:
-                        span, a, b = _zero_span_discard(rs, block, span, addr >> PAGE_BITS, (addr >> PAGE_BITS) + 1)
+                        span, a, b = _zero_span_discard(rs, block, span, addr >> PAGE_BITS,
+                                                        (addr >> PAGE_BITS) + 1, huge_off)
                         if not b > a and host[addr : addr + PAGE_SIZE].view(np.uint64).any():
                             host[addr : addr + PAGE_SIZE] = 0
                     else:
@@ -378,7 +381,7 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 first = int(idx[0])
                 if discard_ok and not fill.any() and (k == 1 or (int(idx[-1]) - first == k - 1
                                                                  and bool((np.diff(idx) == 1).all()))):
-                    span, a, b = _zero_span_discard(rs, block, span, first, first + k)
+                    span, a, b = _zero_span_discard(rs, block, span, first, first + k, huge_off)
                     if b > a:
                         # the run's pages outside the discarded huge pages are scanned as usual
                         if first < a:
@@ -495,18 +498,24 @@ class _ZeroSpan:
 _NO_SPAN = _ZeroSpan(-1, -1)
 
 
-def _zero_span_discard(rs: RAMLoader, block: RAMBlock, span: _ZeroSpan, first: int,
-                       end: int) -> tuple[_ZeroSpan, int, int]:
+def _huge_off(block: RAMBlock) -> int:
+    """Where the block's first page sits within its huge page (in pages)."""
+    return (int(block.host.ctypes.data) // PAGE_SIZE) % _HUGE_PAGES
+
+
+def _zero_span_discard(rs: RAMLoader, block: RAMBlock, span: _ZeroSpan, first: int, end: int,
+                       huge_off: int) -> tuple[_ZeroSpan, int, int]:
     """Add zero pages ``[first, end)`` to ``span`` and discard the whole huge pages now inside it.
 
     Returns the span and the page range discarded (empty when none was, or
     the kernel refused: then the caller scans those pages as usual).  The
     first zero page also ends prefault-while-waiting: from here on it would
-    fault in memory that zero pages give back.
+    fault in memory that zero pages give back.  ``huge_off``: :func:`_huge_off`
+    of the block (computed once per run of records, not per record).
     """
     rs.ram.stop_waiting()
     span = span.extend(first, end)
-    a, b = span.take_huge((int(block.host.ctypes.data) // PAGE_SIZE) % _HUGE_PAGES)
+    a, b = span.take_huge(huge_off)
     if b > a and discard(block.host, a * PAGE_SIZE, (b - a) * PAGE_SIZE):
         return span, a, b
     return span, 0, 0

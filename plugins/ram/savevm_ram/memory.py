@@ -91,13 +91,8 @@ def _address(host: np.ndarray) -> int:
     return int(host.ctypes.data)
 
 
-def populate(host: np.ndarray, start: int, length: int) -> bool:
-    """Fault ``host[start:start+length]`` in for writing, without changing it.
-
-    Returns False where the kernel cannot (no ``MADV_POPULATE_WRITE``: Linux
-    < 5.14, or memory it refuses), so callers fall back to the copy faulting
-    the pages itself.  Page-aligns the range inward to whole pages.
-    """
+def _advise(host: np.ndarray, start: int, length: int, advice: int) -> bool:
+    """madvise ``host[start:start+length]``, page-aligned inward; True if done (or nothing whole inside)."""
     fn = _libc().madvise
     if fn is None or length <= 0:
         return False
@@ -106,7 +101,17 @@ def populate(host: np.ndarray, start: int, length: int) -> bool:
     hi = (base + start + length) // mmap.PAGESIZE * mmap.PAGESIZE
     if hi <= lo:
         return True
-    return bool(fn(lo, hi - lo, MADV_POPULATE_WRITE) == 0)
+    return bool(fn(lo, hi - lo, advice) == 0)
+
+
+def populate(host: np.ndarray, start: int, length: int) -> bool:
+    """Fault ``host[start:start+length]`` in for writing, without changing it.
+
+    Returns False where the kernel cannot (no ``MADV_POPULATE_WRITE``: Linux
+    < 5.14, or memory it refuses), so callers fall back to the copy faulting
+    the pages itself.  Page-aligns the range inward to whole pages.
+    """
+    return _advise(host, start, length, MADV_POPULATE_WRITE)
 
 
 def discard(host: np.ndarray, start: int, length: int) -> bool:
@@ -118,27 +123,7 @@ def discard(host: np.ndarray, start: int, length: int) -> bool:
     block's ``discardable``.)  Page-aligns the range inward; False if the
     kernel refused, and then nothing may be assumed about the range.
     """
-    fn = _libc().madvise
-    if fn is None or length <= 0:
-        return False
-    base = _address(host)
-    lo = (base + start + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-    hi = (base + start + length) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi <= lo:
-        return True
-    return bool(fn(lo, hi - lo, MADV_DONTNEED) == 0)
-
-
-def available_memory() -> int | None:
-    """``MemAvailable`` from /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _advise(host, start, length, MADV_DONTNEED)
 
 
 def _touch(host: np.ndarray, start: int, length: int) -> None:
