@@ -78,6 +78,8 @@ _ZERO_SLICE = 1024
 #: a transparent huge page: zero runs are discarded only in whole ones of these
 _HUGE = 2 << 20
 _HUGE_PAGES = _HUGE // PAGE_SIZE
+#: a run of ZERO records shorter than this starts no zero span (it may still continue one)
+_SPAN_MIN_RUN = 16
 
 
 class RAMLoader:
@@ -336,9 +338,14 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
                 else:
                     fill1 = buf[pos + 8]
                     if discard_ok and not fill1:
-                        span, a, b = _zero_span_discard(rs, block, span, addr >> PAGE_BITS,
-                                                        (addr >> PAGE_BITS) + 1, huge_off)
-                        if not b > a and host[addr : addr + PAGE_SIZE].view(np.uint64).any():
+                        page = addr >> PAGE_BITS
+                        a = b = 0
+                        if page == span.end:  # continues a span: it may now cover a whole huge page
+                            span, a, b = _zero_span_discard(rs, block, span, page, page + 1, huge_off)
+                        else:  # sparse memory is full of lone zero pages: keep their cost at one write
+                            rs.ram.stop_waiting()
+                            span = _ZeroSpan(page, page + 1)
+                        if not b > a:
                             host[addr : addr + PAGE_SIZE] = 0
                     else:
                         span = _NO_SPAN
@@ -379,8 +386,9 @@ def _fast_run(rs: RAMLoader, f: QEMUFile, block: RAMBlock) -> RAMBlock:
             else:
                 fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=pos + 8, strides=(stride,))
                 first = int(idx[0])
-                if discard_ok and not fill.any() and (k == 1 or (int(idx[-1]) - first == k - 1
-                                                                 and bool((np.diff(idx) == 1).all()))):
+                # short runs that do not continue a span (sparse memory) skip the span's numpy checks
+                if discard_ok and (first == span.end or k >= _SPAN_MIN_RUN) and not fill.any() and (
+                        k == 1 or (int(idx[-1]) - first == k - 1 and bool((np.diff(idx) == 1).all()))):
                     span, a, b = _zero_span_discard(rs, block, span, first, first + k, huge_off)
                     if b > a:
                         # the run's pages outside the discarded huge pages are scanned as usual
