@@ -142,7 +142,7 @@ class _CountingCodec:
     """A page codec that counts the records it decodes and the bytes they take."""
 
     #: no loader fast path around load_page (the compress codec offers one): every record is counted
-    inflate_page = None
+    inflate_pages = None
 
     def __init__(self, codec: Any, counts: RecordCounts) -> None:
         self._codec = codec

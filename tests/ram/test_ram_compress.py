@@ -200,3 +200,89 @@ def test_migration_compressed_by_each_backend_loads(monkeypatch: pytest.MonkeyPa
         savevm_ram.register_ram(reg2, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", dst)]))
         StreamLoader(QEMUFile(MemoryChannel(data)), reg2).load()
         assert np.array_equal(mem, dst), backend
+
+
+# ----------------------------------------------------------------- the destination's parallel inflate
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _text_pages(seed: int, n: int) -> list[bytes]:
+    from savevm_ram.demo import english_like_text
+
+    t = english_like_text(seed, n * 4096)
+    return [t[i * 4096 : (i + 1) * 4096].tobytes() for i in range(n)]
+
+
+def _compressed_chunk(ops: list[tuple[int, bytes]], name: str = "pc.ram") -> bytes:
+    """One chunk: COMPRESS_PAGE records (the first names the block, the rest CONTINUE) + EOS."""
+    out = bytearray()
+    for i, (page, content) in enumerate(ops):
+        z = zlib_ng.compress(content, 1)
+        out += rs.page_hdr(page * 4096, rs.COMPRESS | (rs.CONT if i else 0), None if i else name)
+        out += len(z).to_bytes(4, "big") + z
+    out += rs.be64(rs.EOS)
+    return bytes(out)
+
+
+def _load_with_threads(data: bytes, pages: int, threads: int, channel: object = None) -> np.ndarray:
+    from unittest import mock
+
+    from savevm_ram import compress
+
+    dst = np.zeros(pages * 4096, dtype=np.uint8)
+    cfg = savevm.MigrationConfig().set_parameter("decompress-threads", str(threads))
+    reg = savevm.PluginHost(cfg).new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", dst)]))
+    with mock.patch.object(compress, "usable_cpus", lambda: 4):  # helpers even on a 1-CPU runner
+        savevm.load_stream(QEMUFile(channel if channel is not None else MemoryChannel(data)), reg)
+    return dst
+
+
+@settings(max_examples=25, deadline=None)
+@given(picks=st.lists(st.integers(0, 23), min_size=1, max_size=120), threads=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 3))
+def test_parallel_inflate_applies_pages_in_stream_order(picks: list[int], threads: int, seed: int) -> None:
+    """Runs long enough to be split across decompress threads, with pages sent more than once:
+    every page ends with the content of its last record, whichever thread inflated which."""
+    contents = _text_pages(seed, len(picks))
+    ops = [(p, contents[i]) for i, p in enumerate(picks)]
+    data = rs.ram_stream([("pc.ram", 24 * 4096)], _compressed_chunk(ops))
+    channel = ChunkedRead(data, 1 + seed * 1500) if seed else None
+    dst = _load_with_threads(data, 24, threads, channel)
+    want = np.zeros(24 * 4096, dtype=np.uint8)
+    for p, c in ops:
+        want[p * 4096 : (p + 1) * 4096] = np.frombuffer(c, dtype=np.uint8)
+    assert np.array_equal(dst, want)
+
+
+class ChunkedRead(MemoryChannel):
+    """Reads of at most ``n`` bytes, so runs end mid-record and resume on the next read."""
+
+    def __init__(self, data: bytes, n: int) -> None:
+        super().__init__(data)
+        self._n = n
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        return super().readinto(buf[: self._n])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bad", [0, 17, 63, 99])
+def test_corrupt_page_in_any_share_is_refused_at_its_offset(bad: int, threads: int) -> None:
+    """A bad body in a helper's share, not only the loading thread's, fails at that record's offset."""
+    ops = list(enumerate(_text_pages(9, 100)))
+    chunk = bytearray(_compressed_chunk(ops))
+    body_at = []
+    pos = 0
+    for i in range(100):
+        pos += 8 + (1 + len("pc.ram") if i == 0 else 0)
+        clen = int.from_bytes(chunk[pos : pos + 4], "big")
+        body_at.append(pos + 4)
+        pos += 4 + clen
+    chunk[body_at[bad] + 5] ^= 0xFF  # inside the deflate data
+    data = rs.ram_stream([("pc.ram", 100 * 4096)], bytes(chunk))
+    at = data.index(bytes(chunk[:16])) + body_at[bad]  # the bad record's body in the stream
+    with pytest.raises(savevm.CorruptStreamError, match="does not decompress") as ei:
+        _load_with_threads(data, 100, threads)
+    assert at - 12 - (1 + len("pc.ram") if bad == 0 else 0) <= ei.value.offset <= at

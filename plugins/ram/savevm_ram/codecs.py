@@ -120,6 +120,9 @@ class PageCodec:
     def load_setup(self, rs: RAMState) -> None:
         """Destination start."""
 
+    def load_cleanup(self, rs: RAMState) -> None:
+        """Destination end, whatever the outcome: release what :meth:`load_setup` started."""
+
     def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:
         """Read this codec's body from ``f`` and apply it to ``dest`` (the 4096-byte page).
 

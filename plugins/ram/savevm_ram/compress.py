@@ -5,10 +5,15 @@ stream (RFC 1950 header and Adler-32 trailer) of the 4096-byte page.  The
 loader rejects ``clen > compressBound(4096) = 4110`` and anything that does
 not inflate to exactly one page.
 
-zlib-ng holds the GIL while it sets up each call, so pages are compressed
-in batches per worker task (``compress-threads`` workers), not one task per
-page.  Like QEMU, compression stops once XBZRLE takes over after the bulk
-stage (``save_page_use_compression``).
+Both deflate libraries release the GIL while they work, but each call
+takes it back, and threads that outnumber the CPUs only queue for it: with
+8 threads on 2 CPUs a page cost 1.6x the CPU time of one thread, for no
+more pages per second.  So a batch is cut into one equal share per thread,
+``min(compress-threads, usable CPUs)`` of them, the saving thread taking
+one share itself (``benchmarks/bench_compress.py`` prints the cost per
+page).  The destination does the same with ``decompress-threads``.  Like
+QEMU, compression stops once XBZRLE takes over after the bulk stage
+(``save_page_use_compression``).
 
 Which deflate runs (:func:`page_compressor`): at ``compress-level`` 1-3,
 ISA-L's level 1 when the optional ``isal`` package is installed
@@ -31,6 +36,7 @@ import numpy as np
 from zlib_ng import zlib_ng
 
 from savevm.errors import CorruptStreamError
+from savevm.host import usable_cpus
 from savevm.logging import get_logger
 from savevm_ram.codecs import PageCodec
 from savevm_ram.wire import PAGE_SIZE, Flag
@@ -63,8 +69,10 @@ def zlib_ng_level(level: int) -> int:
 #: compress-level -> ISA-L level, where ISA-L compresses at least as well as zlib does at that level
 #: (its level 3, 0.397 of a page, is larger than zlib's 0.394 from level 4 up: zlib-ng runs those)
 ISAL_LEVEL = {1: 1, 2: 1, 3: 1}
-#: pages per worker task
+#: the smallest batch the source splits across compress threads
 BATCH = 32
+#: the shortest run of compressed pages the destination splits across decompress threads
+PARALLEL_MIN = 16
 
 
 @functools.cache
@@ -126,6 +134,10 @@ class CompressCodec(PageCodec):
         self._pool: ThreadPoolExecutor | None = None
         self.pages = 0
         self.compressed_size = 0
+        self._inflate_fn = _inflate()
+        self._shares = 1
+        self._helpers = 0
+        self._load_pool: ThreadPoolExecutor | None = None
 
     def enabled(self, config: MigrationConfig) -> bool:
         return config.has("compress")
@@ -135,10 +147,12 @@ class CompressCodec(PageCodec):
         self.level = p.compress_level
         self.backend, self._compress = page_compressor(self.level)
         self.threads = p.compress_threads
-        log.info("ram_compress_setup", level=self.level, backend=self.backend, threads=self.threads)
+        self._shares = min(self.threads, usable_cpus())
+        log.info("ram_compress_setup", level=self.level, backend=self.backend, threads=self.threads,
+                 running=self._shares)
         self.pages = self.compressed_size = 0
-        if self.threads > 1:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="savevm-compress")
+        if self._shares > 1:
+            self._pool = ThreadPoolExecutor(max_workers=self._shares - 1, thread_name_prefix="savevm-compress")
 
     def active(self, rs: RAMState) -> bool:
         # once XBZRLE is enabled (after the first round) compression stops
@@ -155,8 +169,11 @@ class CompressCodec(PageCodec):
         if self._pool is None or n <= BATCH:
             out = work(0, n)
         else:
-            futs = [self._pool.submit(work, lo, min(lo + BATCH, n)) for lo in range(0, n, BATCH)]
-            out = [b for fut in futs for b in fut.result()]
+            step = -(-n // self._shares)
+            futs = [self._pool.submit(work, lo, min(lo + step, n)) for lo in range(step, n, step)]
+            out = work(0, step)
+            for fut in futs:
+                out.extend(fut.result())
         done = [b for b in out if b is not None]
         self.pages += len(done)
         self.compressed_size += sum(len(b) - 4 for b in done)
@@ -172,20 +189,62 @@ class CompressCodec(PageCodec):
         return {"compression": {"pages": self.pages, "busy": 0, "busy-rate": 0,
                                 "compressed-size": self.compressed_size, "compression-rate": round(rate, 3)}}
 
-    @staticmethod
-    def inflate_page(data: Any) -> bytes | None:
+    def load_setup(self, rs: RAMState) -> None:
+        # decompress-threads counts the loading thread: it inflates one share of each run itself
+        self._inflate_fn = _inflate()
+        helpers = min(rs.config.parameters.decompress_threads, usable_cpus()) - 1
+        self._helpers = helpers
+        if helpers > 0 and self._load_pool is None:
+            self._load_pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="savevm-decompress")
+
+    def load_cleanup(self, rs: RAMState) -> None:
+        if self._load_pool is not None:
+            self._load_pool.shutdown(wait=True)
+            self._load_pool = None
+
+    def inflate_page(self, data: Any) -> bytes | None:
         """One page's zlib stream -> its 4096 bytes, or None if it is not exactly one complete page.
 
-        The loader's fast path for runs of compressed pages; on None it falls
-        back to :meth:`load_page`, which raises with the record's offset.
-        ISA-L inflates where installed (about 1.1-1.5x zlib-ng here).
+        On None the loader falls back to :meth:`load_page`, which raises with
+        the record's offset.  ISA-L inflates where installed (about 1.1-1.5x
+        zlib-ng here).
         """
-        inflate = _inflate()
         try:
-            out = inflate(data)
+            out = self._inflate_fn(data)
         except Exception:  # noqa: BLE001  # each library's own error class: the careful path names the fault
             return None
         return out if len(out) == PAGE_SIZE else None
+
+    def _inflate_share(self, bodies: list[Any]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for b in bodies:
+            page = self.inflate_page(b)
+            out.append(page)
+            if page is None:
+                break
+        return out
+
+    def inflate_pages(self, bodies: list[Any]) -> list[bytes | None]:
+        """Inflate a run of pages across ``decompress-threads``, in order; None marks a failed page.
+
+        The caller stops at the first None (each share stops at its own).
+
+        Both libraries release the GIL while they inflate, so on a run long
+        enough to pay for the hand-off the helpers and the loading thread
+        inflate equal shares at once.  Every share is waited for before this
+        returns, even after a failure: the bodies are views of the stream's
+        staging buffer, which the loader reuses as soon as it moves on.
+        """
+        pool = self._load_pool
+        n = len(bodies)
+        if pool is None or n < PARALLEL_MIN:
+            return self._inflate_share(bodies)
+        step = -(-n // (self._helpers + 1))
+        futs = [pool.submit(self._inflate_share, bodies[lo : lo + step]) for lo in range(step, n, step)]
+        out = self._inflate_share(bodies[:step])
+        for fut in futs:
+            out.extend(fut.result())
+        return out
 
     def load_page(self, f: QEMUFile, block: RAMBlock, page: int, dest: np.ndarray, offset: int) -> None:
         clen_off = f.pos

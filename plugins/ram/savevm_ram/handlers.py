@@ -201,8 +201,11 @@ class RAMHandlers(SaveVMHandlers):
         self.loader.load(f, version_id)
 
     def load_cleanup(self) -> None:
-        """Release transport state; the loaded counters (and verify's fingerprints) stay until the next load."""
+        """Release transport state and decoders; the loaded counters (and verify's fingerprints) stay."""
         self._close_transport_state()
+        if self.loader is not None:
+            for c in self.loader.codecs:
+                c.load_cleanup(self)
 
     def codecs(self) -> list[PageCodec]:
         """The codecs in use on whichever side is active (for tests and tools)."""

@@ -102,8 +102,8 @@ class RAMLoader:
         self.fps: dict[str, np.ndarray] | None = None
         self._fp_valid: dict[str, np.ndarray] = {}
         comp = self._by_flag.get(_COMPRESS)
-        #: the compress codec's one-page inflate, for the fast path (None: general path only)
-        self.inflate = getattr(comp, "inflate_page", None)
+        #: the compress codec's inflate of a run of pages, for the fast path (None: general path only)
+        self.inflate = getattr(comp, "inflate_pages", None)
         for c in codecs:
             c.load_setup(rs)
         hooks.refresh()
@@ -431,11 +431,11 @@ def _compressed_run(rs: RAMLoader, buf: memoryview, pos: int, block: RAMBlock,
     """
     inflate = rs.inflate
     assert inflate is not None
-    mv = block.mv
     avail = len(buf)
     start = pos
-    n = 0
     need = 0
+    addrs: list[int] = []
+    bodies: list[memoryview] = []
     while True:
         left = avail - pos
         if left < 8:
@@ -454,14 +454,22 @@ def _compressed_run(rs: RAMLoader, buf: memoryview, pos: int, block: RAMBlock,
         if left < 12 + clen:
             need = 12 + clen
             break
-        page = inflate(buf[pos + 12 : pos + 12 + clen])
+        addrs.append(addr)
+        bodies.append(buf[pos + 12 : pos + 12 + clen])
+        pos += 12 + clen
+    pos = start
+    n = 0
+    mv = block.mv
+    # in stream order: a page sent twice in one run ends with its later content
+    for addr, body, page in zip(addrs, bodies, inflate(bodies)):
         if page is None:
+            need = 0  # the general path reports this record with its offset
             break
         mv[addr : addr + PAGE_SIZE] = page
-        if rs.fps is not None:
-            rs.note_pages(block, np.array([addr >> PAGE_BITS], dtype=np.intp))
-        pos += 12 + clen
+        pos += 12 + len(body)
         n += 1
+    if n and rs.fps is not None:
+        rs.note_pages(block, np.array(addrs[:n], dtype=np.intp) >> PAGE_BITS)
     rs.counters.encoded += n
     return (pos - start, n), need
 
