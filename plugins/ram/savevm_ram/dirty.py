@@ -38,7 +38,7 @@ import numpy as np
 from savevm.errors import MigrationError
 from savevm.logging import get_logger
 from savevm_ram.block import RAMBlock, RAMList
-from savevm_ram.fingerprint import fingerprints
+from savevm_ram.fingerprint import fingerprints_at
 from savevm_ram.wire import PAGE_SIZE
 
 log = get_logger("savevm.ram")
@@ -106,7 +106,7 @@ class TrackerAudit:
         pages, fps = self.pages[keep], self.fps[keep]
         suspects = np.empty(0, dtype=np.intp)
         if pages.size:
-            now = fingerprints(view[pages])
+            now = fingerprints_at(view, pages)
             quiet = ~logged[pages]
             changed = pages[quiet & (now != fps)]
             self.checked += int(np.count_nonzero(quiet))
@@ -129,7 +129,7 @@ class TrackerAudit:
             fresh = np.unique(self._rng.integers(0, b.pages, want, dtype=np.intp))
             fresh = np.setdiff1d(fresh, pages, assume_unique=True)
             pages = np.concatenate([pages, fresh])
-            fps = np.concatenate([fps, fingerprints(view[fresh])])
+            fps = np.concatenate([fps, fingerprints_at(view, fresh)])
         self.pages, self.fps = pages, fps
 
 

@@ -133,22 +133,43 @@ def _touch(host: np.ndarray, start: int, length: int) -> None:
     pages[:, 0] = pages[:, 0]
 
 
+def map_shared(host: np.ndarray, start: int, length: int) -> None:
+    """Map pages of a *shared* file mapping into this process by reading one byte of each.
+
+    Memory another process already allocated in a shared file (a memfd)
+    needs only page-table entries here.  A write fault installs one page per
+    fault; a read fault maps the whole fault-around window (64 KiB by
+    default), and on shmem, which needs no write notification, those entries
+    are already writable, so later writes do not fault again.  Measured on
+    1 GiB of another process's memfd: 0.06 s by reads against 0.28 s by
+    ``MADV_POPULATE_WRITE`` and 0.45 s of faults inside the copy.  It
+    changes nothing, so it may race with writers.
+    """
+    view = host[start : start + length]
+    if len(view):
+        int(view[:: mmap.PAGESIZE].max())
+
+
 class Prefaulter:
     """A background thread that faults ranges of memory in, once, in order.
 
     ``exclusive`` is True when populate is unavailable and pages are faulted
     by rewriting a byte of each: then nothing else may write the memory
     until :meth:`wait` returns (the loader waits before its first record).
+    ``shared``: the ranges are another process's shared memory, mapped here
+    by reads (:func:`map_shared`), which never excludes writers.
     """
 
     def __init__(self, jobs: list[tuple[np.ndarray, int, int]], name: str = "savevm-mem-prealloc",
-                 step: int = POPULATE_STEP) -> None:
+                 step: int = POPULATE_STEP, *, shared: bool = False) -> None:
         self._jobs = jobs
         self._step = step
+        self._shared = shared
         self._stop = threading.Event()
         self._done = threading.Event()
         # probe once, before the thread runs: the loader decides from this whether to wait
-        self.exclusive = bool(jobs) and not populate(jobs[0][0], jobs[0][1], min(jobs[0][2], mmap.PAGESIZE))
+        self.exclusive = bool(jobs) and not shared and not populate(
+            jobs[0][0], jobs[0][1], min(jobs[0][2], mmap.PAGESIZE))
         #: bytes faulted in so far
         self.faulted = 0
         self.total = sum(n for _, _, n in jobs)
@@ -158,10 +179,12 @@ class Prefaulter:
     def _run(self) -> None:
         try:
             for host, start, length in self._jobs:
-                for a, n in _steps(start, length, self._step):
+                for a, n in steps(start, length, self._step):
                     if self._stop.is_set():
                         return
-                    if self.exclusive:
+                    if self._shared:
+                        map_shared(host, a, n)
+                    elif self.exclusive:
                         _touch(host, a, n)
                     elif not populate(host, a, n):
                         continue  # memory the kernel will not populate: the load's copy faults it
@@ -186,7 +209,8 @@ class Prefaulter:
             self._thread.join()
 
 
-def _steps(start: int, length: int, step: int = POPULATE_STEP) -> Iterator[tuple[int, int]]:
+def steps(start: int, length: int, step: int = POPULATE_STEP) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` steps of at most ``step`` bytes over a range (what stop checks fall between)."""
     end = start + length
     a = start
     while a < end:

@@ -31,8 +31,9 @@ plugin does the same on one host with shared memory:
   chose, so a destination cannot point it at someone else's memory.
 * Source, ``ram_control_save_page``: a run of pages is copied into the
   mapped region (the "RDMA write") and never enters the stream.  A
-  background thread populates the source's mapping ahead of the copies
-  (``MADV_POPULATE_WRITE``), so they do not fault page by page.
+  background thread maps the destination's pages into the source ahead of
+  the copies by reading a byte of each (read faults map 16 pages at a time,
+  writable on shared memory), so the copies do not fault page by page.
 * Each ROUND/FINISH: ``before_iterate`` writes HOOK, ``after_iterate``
   writes REGISTER_FINISHED with the token and the list of written ranges;
   the destination checks the token and copies staged ranges into their
@@ -66,7 +67,7 @@ from savevm.logging import get_logger
 from savevm.qemufile import QEMUFile
 from savevm.return_path import RPMessage, encode_json
 from savevm_ram.block import RAMBlock
-from savevm_ram.memory import Prefaulter
+from savevm_ram.memory import Prefaulter, populate, steps
 from savevm_ram.state import RAMState
 from savevm_ram.wire import (
     CONTROL_RAM_BLOCKS_REQUEST,
@@ -157,16 +158,34 @@ class _Region:
         # allocate the pages now, in the background, as RDMA registration pins memory: the source
         # then maps pages that exist instead of faulting each into existence (measured: 1 GiB
         # over rdma 0.91 -> 0.67 s, medians of 3 on a busy machine)
-        self._alloc = threading.Thread(target=self._allocate, name="savevm-rdma-fallocate", daemon=True)
+        self._stop = threading.Event()
+        self._alloc = threading.Thread(target=self._allocate, name="savevm-rdma-populate", daemon=True)
         self._alloc.start()
 
     def _allocate(self) -> None:
-        with contextlib.suppress(OSError):
-            os.posix_fallocate(self.fd, HEADER, self.size - HEADER)
+        """Fault the pages in *by writing* (MADV_POPULATE_WRITE), falling back to fallocate.
+
+        fallocate alone reserves shmem pages but leaves them unzeroed and
+        not up to date: the zeroing then happens at the first fault in any
+        process, here the source's, one 4 KiB page per fault, inside the
+        migration.  Populated pages are mapped by the source's read faults
+        16 at a time (fault-around).  Measured, 1 GiB: the source maps the
+        region in 0.66 s after fallocate and in 0.06 s after populate.
+        Populate writes nothing, so it may race with the source's writes.
+        """
+        length = self.size - HEADER
+        for a, n in steps(0, length):
+            if self._stop.is_set():
+                return
+            if not populate(self.data, a, n):
+                with contextlib.suppress(OSError):
+                    os.posix_fallocate(self.fd, HEADER + a, length - a)
+                return
 
     def close(self, *, unmap: bool) -> None:
         """Close the descriptor; unmap too unless a block still lives in the mapping."""
         if self._alloc.is_alive():
+            self._stop.set()
             self._alloc.join()
         if self.fd >= 0:
             os.close(self.fd)
@@ -293,12 +312,9 @@ def _exchange_blocks(rs: RAMState, f: QEMUFile, st: _SourceState) -> None:
         st.maps.append(m)
         st.regions.append(np.frombuffer(m, dtype=np.uint8, offset=HEADER))
         st.index[b.idstr] = i
-    # fault the mapping in ahead of the copies, in the background (populate never changes a byte)
+    # map the destination's pages ahead of the copies, in the background, by reads (they never change a byte)
     st.prefault = Prefaulter([(reg, 0, b.used_length) for reg, b in zip(st.regions, blocks)],
-                             name="savevm-rdma-populate")
-    if st.prefault.exclusive:  # no MADV_POPULATE_WRITE: touching would race with the copies
-        st.prefault.stop()
-        st.prefault = None
+                             name="savevm-rdma-map", shared=True)
     log.info("qemu_rdma_registration_stop", blocks=len(blocks), zero_copy=[r.get("direct") for r in result])
 
 
