@@ -248,23 +248,13 @@ def test_parallel_inflate_applies_pages_in_stream_order(picks: list[int], thread
     contents = _text_pages(seed, len(picks))
     ops = [(p, contents[i]) for i, p in enumerate(picks)]
     data = rs.ram_stream([("pc.ram", 24 * 4096)], _compressed_chunk(ops))
-    channel = ChunkedRead(data, 1 + seed * 1500) if seed else None
+    # reads of at most a few KiB, so runs end mid-record and resume on the next read
+    channel = rs.ChunkedChannel(data, [1 + seed * 1500]) if seed else None
     dst = _load_with_threads(data, 24, threads, channel)
     want = np.zeros(24 * 4096, dtype=np.uint8)
     for p, c in ops:
         want[p * 4096 : (p + 1) * 4096] = np.frombuffer(c, dtype=np.uint8)
     assert np.array_equal(dst, want)
-
-
-class ChunkedRead(MemoryChannel):
-    """Reads of at most ``n`` bytes, so runs end mid-record and resume on the next read."""
-
-    def __init__(self, data: bytes, n: int) -> None:
-        super().__init__(data)
-        self._n = n
-
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        return super().readinto(buf[: self._n])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
