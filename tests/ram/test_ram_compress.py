@@ -276,3 +276,19 @@ def test_corrupt_page_in_any_share_is_refused_at_its_offset(bad: int, threads: i
     with pytest.raises(savevm.CorruptStreamError, match="does not decompress") as ei:
         _load_with_threads(data, 100, threads)
     assert at - 12 - (1 + len("pc.ram") if bad == 0 else 0) <= ei.value.offset <= at
+
+
+def test_decompress_threads_end_with_the_load_whatever_its_outcome() -> None:
+    import threading
+
+    def helpers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("savevm-decompress")]
+
+    ops = list(enumerate(_text_pages(2, 64)))
+    good = rs.ram_stream([("pc.ram", 64 * 4096)], _compressed_chunk(ops))
+    _load_with_threads(good, 64, 3)
+    assert helpers() == []
+    bad = good[:-40]  # truncated inside the run
+    with pytest.raises(savevm.StreamError):
+        _load_with_threads(bad, 64, 3)
+    assert helpers() == []
