@@ -330,3 +330,66 @@ def test_rdma_checks_the_region_size_before_mapping() -> None:
         assert not any(os.pread(fd, HEADER + N, 0))
     finally:
         os.close(fd)
+
+
+def _resident_shmem_kib() -> int:
+    """RssShmem of this process (kB): shared-memory pages mapped here."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    pytest.skip("no RssShmem in /proc/self/status")
+
+
+def test_region_pages_are_faulted_in_by_writing_and_stop_with_close() -> None:
+    """A region's pages end up present (zeroed, so another process maps them without faulting them
+    into existence), and closing a region stops its background populate promptly."""
+    from savevm_rdma_stub import plugin
+
+    before = _resident_shmem_kib()
+    r = plugin._Region(64 << 20)
+    r._alloc.join(30)
+    assert not r._alloc.is_alive()
+    assert _resident_shmem_kib() - before >= (64 << 10) * 0.9  # populated in this mapping, not just reserved
+    assert not r.data.any()
+    r.close(unmap=True)
+
+    big = plugin._Region(4 << 30)  # larger than it can populate before close: close must not wait for it all
+    t = time.monotonic()
+    big.close(unmap=True)
+    assert time.monotonic() - t < 2.0
+    assert not big._alloc.is_alive()
+
+
+def test_region_falls_back_to_fallocate_without_populate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from savevm_rdma_stub import plugin
+
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(plugin, "populate", lambda host, a, n: False)
+    monkeypatch.setattr(plugin.os, "posix_fallocate", lambda fd, off, n: calls.append((fd, off, n)))
+    r = plugin._Region(8 << 20)
+    r._alloc.join(30)
+    assert calls == [(r.fd, plugin.HEADER, 8 << 20)]
+    r.close(unmap=True)
+
+
+def test_source_maps_a_region_by_reading_and_never_writes_it() -> None:
+    """map_shared (the source's run-ahead) leaves every byte as it was, even while the destination writes."""
+    from savevm_ram.memory import map_shared
+
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, 16 << 20)
+        m1 = mmap.mmap(fd, 16 << 20)
+        m2 = mmap.mmap(fd, 16 << 20)
+    finally:
+        os.close(fd)
+    a1 = np.frombuffer(m1, dtype=np.uint8)
+    a2 = np.frombuffer(m2, dtype=np.uint8)
+    a1[:] = np.random.default_rng(1).integers(0, 256, 16 << 20, dtype=np.uint8)
+    want = a1.copy()
+    map_shared(a2, 0, 16 << 20)
+    assert np.array_equal(a1, want)
+    del a1, a2
+    m1.close()
+    m2.close()
