@@ -468,11 +468,15 @@ class Convergence:
                 nbytes[kind] = b - b0
         self._sent_before = dict(sent_by_kind)
         pend = self.last_pending
+        # the record of the pause carries the prediction the stop was made on (what stats report), not
+        # the last window's: that one priced what was pending before the final iteration's sends
+        expected = (self.expected_downtime_at_stop if downtime is not None and self.expected_downtime_at_stop
+                    is not None else self.expected_downtime)
         rec = IterationRecord(
             iteration=iteration, time_ms=int((self._clock() - self._t0) * 1000), stage=stage,
             pages=pages, bytes=nbytes, pending_ram=pend.ram, pending_wire=pend.wire, estimate=pend.estimate,
             in_flight=self.in_flight, threshold=self.threshold_size, downtime_limit=self.downtime_limit_ms,
-            bandwidth=int(self._effective_rate() * 1000), expected_downtime=self.expected_downtime,
+            bandwidth=int(self._effective_rate() * 1000), expected_downtime=expected,
             dirty_rate=self.dirty_rate, throttle=self.throttle_percentage, syncs=self.syncs, passes=self.passes,
             stalls=self.stalls,
             downtime=downtime)

@@ -323,8 +323,12 @@ def test_records_hold_each_iterations_share(events: LogCapture) -> None:
     assert (r2.pending_ram, r2.pending_wire, r2.estimate) == (60 << 20, 700_000, "wire")
     assert r2.bandwidth == 65_000_000 and r2.downtime_limit == 300 and r2.syncs == 1 and r2.stage == "iterate"
     assert r2.expected_downtime == h.conv.expected_downtime
+    h.conv.should_iterate(Pending(100_000, 100_000))  # small enough: the stop, with its own prediction
+    assert h.conv.expected_downtime_at_stop is not None
+    assert h.conv.expected_downtime_at_stop != h.conv.expected_downtime
     done = h.conv.record(3, {"xbzrle": (6000, 132_000)}, stage="complete", downtime=123)
     assert done.downtime == 123 and done.stage == "complete" and done.pages == {"xbzrle": 3000}
+    assert done.expected_downtime == h.conv.expected_downtime_at_stop  # what the stats report beside downtime
     assert list(h.conv.records) == [r1, r2, done]
     logged = [e for e in events.entries if e["event"] == "migration_iteration"]
     assert [e["iteration"] for e in logged] == [1, 2, 3]
