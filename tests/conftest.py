@@ -1,4 +1,9 @@
-"""Suite-wide settings: quiet logs.
+"""Suite-wide settings: quiet logs, and the shared test helpers.
+
+The test folders have no ``__init__.py`` and more than one of them owns a
+``strategies.py``, so each folder's helpers are loaded under a name of their
+own (``ram_strategies``, ``xbzrle_strategies``) here, once, where every
+folder's tests can import them.
 
 Events below warning are dropped by a processor rather than by the bound
 logger's level, so ``structlog.testing.capture_logs`` (which swaps the
@@ -7,9 +12,11 @@ processor chain) still sees debug events such as ``hook_trace``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import structlog
@@ -33,6 +40,20 @@ def _configure() -> None:
 
 
 _configure()
+
+
+def _load_helpers(name: str, path: Path) -> None:
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+
+
+for _folder in ("ram", "xbzrle"):
+    _load_helpers(f"{_folder}_strategies", Path(__file__).with_name(_folder) / "strategies.py")
 
 
 @pytest.fixture(autouse=True)

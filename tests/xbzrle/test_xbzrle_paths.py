@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import xbzrle_strategies
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ram_strategies import ChunkedChannel
 
 from savevm.errors import CorruptStreamError
 from savevm.qemufile import QEMUFile
@@ -33,30 +32,9 @@ class _Block:
     idstr = "ram0"
 
 
-class _Chunks:
-    """A read channel handing out ``size`` bytes at a time (1: no record is ever wholly staged)."""
-
-    name = "chunks"
-
-    def __init__(self, data: bytes, size: int) -> None:
-        self.data, self.pos, self.size = data, 0, size
-
-    def readinto(self, buf: memoryview) -> int:
-        n = min(len(buf), self.size, len(self.data) - self.pos)
-        buf[:n] = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return n
-
-    def writev(self, bufs: Any) -> int:
-        raise OSError("read-only")
-
-    def close(self) -> None:
-        pass
-
-
 def _load(record: bytes, start: bytes, chunk: int) -> tuple[bytes, int | None, str | None, int]:
     """Load one record after 5 bytes of something else; (page, error offset, error text, bytes consumed)."""
-    f = QEMUFile(_Chunks(b"\xaa" * 5 + record + b"\x10" * 8, chunk))
+    f = QEMUFile(ChunkedChannel(b"\xaa" * 5 + record + b"\x10" * 8, [chunk]))
     f.get_buffer_into(memoryview(bytearray(5)))
     arena = np.frombuffer(b"\xee" * PAGE + start + b"\xee" * PAGE, np.uint8).copy()
     page = arena[PAGE : 2 * PAGE]
@@ -96,7 +74,7 @@ def test_the_staged_path_is_the_common_one() -> None:
     new[1024:1032] = np.arange(1, 9)
     enc = encode(old, new)
     assert enc is not None
-    f = QEMUFile(_Chunks(b"\x01" + len(enc).to_bytes(2, "big") + enc, 1 << 20))
+    f = QEMUFile(ChunkedChannel(b"\x01" + len(enc).to_bytes(2, "big") + enc, [1 << 20]))
     f.fill(3 + len(enc))
     page = np.zeros(PAGE, np.uint8)
     assert XbzrleCodec._load_staged(f, page) is True
