@@ -194,7 +194,11 @@ def _parse(src: bytes) -> tuple[list[tuple[int, int, int]], int]:
                 i,
             )
         field = i
-        count, used = _read_uleb(src, i, "zero-run")
+        count = src[i]  # one-byte lengths are the common case: no call for them (a hot path)
+        if count < 0x80:
+            used = 1
+        else:
+            count, used = _read_uleb(src, i, "zero-run")
         if count == 0 and i != 0:
             raise CorruptStreamError("XBZRLE: zero-run length 0 is only valid at offset 0 (expected >= 1)", field)
         i += used
@@ -211,7 +215,11 @@ def _parse(src: bytes) -> tuple[list[tuple[int, int, int]], int]:
                 i,
             )
         field = i
-        count, used = _read_uleb(src, i, "non-zero-run")
+        count = src[i]
+        if count < 0x80:
+            used = 1
+        else:
+            count, used = _read_uleb(src, i, "non-zero-run")
         if count == 0:
             raise CorruptStreamError("XBZRLE: non-zero-run length 0 (expected >= 1)", field)
         i += used

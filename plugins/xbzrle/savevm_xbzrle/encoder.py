@@ -183,11 +183,11 @@ class XbzrleCodec(PageCodec):
     def _load_staged(f: QEMUFile, dest: np.ndarray) -> bool:
         """The common case in one pass: a valid record wholly in the read stage, applied from there.
 
-        The encoding is walked straight out of the stage (no copy), every
-        run checked as :func:`savevm_xbzrle.codec.parse_runs` checks it,
-        and only then written into ``dest`` and consumed.  Anything else
-        (a record not yet staged, a malformed one) returns False with
-        nothing consumed or written, for the careful path to handle.
+        The encoding is validated straight out of the stage (no copy) by the
+        same parser the careful path uses, and only then written into
+        ``dest`` and consumed.  Anything else (a record not yet staged, a
+        malformed one) returns False with nothing consumed or written, for
+        the careful path to handle and report with its offset.
         """
         buf = f.buffered()
         avail = len(buf)
@@ -196,46 +196,14 @@ class XbzrleCodec(PageCodec):
         end = 3 + ((buf[1] << 8) | buf[2])
         if end - 3 > PAGE_SIZE or avail < end or not isinstance(dest, np.ndarray) or dest.shape != (PAGE_SIZE,):
             return False
-        runs = []
-        i = 3
-        d = 0
-        while i < end:
-            if end - i < 2:
-                return False
-            field = i
-            b0 = buf[i]
-            if b0 < 0x80:
-                count = b0
-                i += 1
-            else:
-                b1 = buf[i + 1]
-                if b1 & 0x80:
-                    return False
-                count = (b0 & 0x7F) | (b1 << 7)
-                i += 2
-            if count == 0 and field != 3:
-                return False  # a zero run of 0 is valid only first
-            d += count
-            if d > PAGE_SIZE or end - i < 2:
-                return False
-            b0 = buf[i]
-            if b0 < 0x80:
-                count = b0
-                i += 1
-            else:
-                b1 = buf[i + 1]
-                if b1 & 0x80:
-                    return False
-                count = (b0 & 0x7F) | (b1 << 7)
-                i += 2
-            if count == 0 or d + count > PAGE_SIZE or i + count > end:
-                return False
-            runs.append((d, i, count))
-            d += count
-            i += count
+        body = buf[3:end]
+        try:
+            runs, _ = parse_runs(body)  # type: ignore[arg-type]  # a memoryview indexes like bytes
+        except CorruptStreamError:
+            return False
         mv = dest.data
         for d, i, count in runs:
-            mv[d : d + count] = buf[i : i + count]
+            mv[d : d + count] = body[i : i + count]
         f.consume(end)
         return True
 
