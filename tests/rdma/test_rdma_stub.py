@@ -348,8 +348,7 @@ def test_region_pages_are_faulted_in_by_writing_and_stop_with_close() -> None:
 
     before = _resident_shmem_kib()
     r = plugin._Region(64 << 20)
-    r._alloc.join(30)
-    assert not r._alloc.is_alive()
+    assert r._fault.wait(30)
     assert _resident_shmem_kib() - before >= (64 << 10) * 0.9  # populated in this mapping, not just reserved
     assert not r.data.any()
     r.close(unmap=True)
@@ -358,17 +357,18 @@ def test_region_pages_are_faulted_in_by_writing_and_stop_with_close() -> None:
     t = time.monotonic()
     big.close(unmap=True)
     assert time.monotonic() - t < 2.0
-    assert not big._alloc.is_alive()
+    assert big._fault.done()
 
 
 def test_region_falls_back_to_fallocate_without_populate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from savevm_ram import memory
     from savevm_rdma_stub import plugin
 
     calls: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(plugin, "populate", lambda host, a, n: False)
+    monkeypatch.setattr(memory, "populate", lambda host, a, n: False)
     monkeypatch.setattr(plugin.os, "posix_fallocate", lambda fd, off, n: calls.append((fd, off, n)))
     r = plugin._Region(8 << 20)
-    r._alloc.join(30)
+    assert r._fault.wait(30)
     assert calls == [(r.fd, plugin.HEADER, 8 << 20)]
     r.close(unmap=True)
 

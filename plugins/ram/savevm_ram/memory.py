@@ -36,7 +36,7 @@ import ctypes.util
 import functools
 import mmap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -158,18 +158,24 @@ class Prefaulter:
     until :meth:`wait` returns (the loader waits before its first record).
     ``shared``: the ranges are another process's shared memory, mapped here
     by reads (:func:`map_shared`), which never excludes writers.
+    ``fallback``: where populate is unavailable, called once in the thread
+    instead of touching the pages (for memory others may write meanwhile).
     """
 
     def __init__(self, jobs: list[tuple[np.ndarray, int, int]], name: str = "savevm-mem-prealloc",
-                 step: int = POPULATE_STEP, *, shared: bool = False) -> None:
+                 step: int = POPULATE_STEP, *, shared: bool = False,
+                 fallback: Callable[[], None] | None = None) -> None:
         self._jobs = jobs
         self._step = step
         self._shared = shared
+        self._fallback = fallback
         self._stop = threading.Event()
         self._done = threading.Event()
         # probe once, before the thread runs: the loader decides from this whether to wait
-        self.exclusive = bool(jobs) and not shared and not populate(
-            jobs[0][0], jobs[0][1], min(jobs[0][2], mmap.PAGESIZE))
+        unsupported = bool(jobs) and not shared and not populate(jobs[0][0], jobs[0][1],
+                                                                 min(jobs[0][2], mmap.PAGESIZE))
+        self.exclusive = unsupported and fallback is None
+        self._use_fallback = unsupported and fallback is not None
         #: bytes faulted in so far
         self.faulted = 0
         self.total = sum(n for _, _, n in jobs)
@@ -178,6 +184,10 @@ class Prefaulter:
 
     def _run(self) -> None:
         try:
+            if self._use_fallback:
+                assert self._fallback is not None
+                self._fallback()
+                return
             for host, start, length in self._jobs:
                 for a, n in steps(start, length, self._step):
                     if self._stop.is_set():
