@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import ram_strategies as rs
@@ -10,6 +12,7 @@ from zlib_ng import zlib_ng
 import savevm
 import savevm_ram
 from savevm.channels import MemoryChannel
+from savevm.channels.base import Buffer
 from savevm.load import StreamLoader
 from savevm.qemufile import QEMUFile
 from savevm.save import save_stream
@@ -292,3 +295,134 @@ def test_decompress_threads_end_with_the_load_whatever_its_outcome() -> None:
     with pytest.raises(savevm.StreamError):
         _load_with_threads(bad, 64, 3)
     assert helpers() == []
+
+
+# ---------------------------------------------------------------- the source encodes one batch ahead
+def _mixed_memory(pages: int, seed: int) -> np.ndarray:
+    """Text, random and zero pages interleaved: several batches, every record kind."""
+    rng = np.random.default_rng(seed)
+    text = np.frombuffer(b"".join(_text_pages(seed, 64)), dtype=np.uint8).reshape(64, 4096)
+    mem = np.zeros((pages, 4096), dtype=np.uint8)
+    kind = rng.integers(0, 3, pages)
+    mem[kind == 0] = text[rng.integers(0, 64, int((kind == 0).sum()))]
+    mem[kind == 1] = rng.integers(0, 256, (int((kind == 1).sum()), 4096), dtype=np.uint8)
+    return mem.reshape(-1)
+
+
+def _save_with(mem: np.ndarray, monkeypatch: pytest.MonkeyPatch, *, overlaps: bool, threads: int = 2,
+               channel: MemoryChannel | None = None) -> bytes:
+    from savevm_ram import compress
+
+    monkeypatch.setattr(compress, "usable_cpus", lambda: threads)  # compress threads even on a 1-CPU runner
+    monkeypatch.setattr(compress.CompressCodec, "overlaps", overlaps)
+    reg = savevm.PluginHost(savevm.MigrationConfig().set_capability("compress")).new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", mem)]))
+    ch = channel if channel is not None else MemoryChannel()
+    f = QEMUFile(ch, writable=True)
+    save_stream(f, reg)
+    f.flush()
+    return ch.getvalue()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_encoding_ahead_writes_the_stream_the_plain_pipeline_writes(monkeypatch: pytest.MonkeyPatch,
+                                                                     threads: int) -> None:
+    """Handing a batch to the compress threads and writing the previous one meanwhile changes no record.
+
+    (Where an iteration ends depends on the clock, so the chunks may differ; the records may not.)
+    """
+    mem = _mixed_memory(3000, 7)  # 3 batches of 1024 pages, the last one short
+    ahead = _save_with(mem, monkeypatch, overlaps=True, threads=threads)
+    plain = _save_with(mem, monkeypatch, overlaps=False, threads=threads)
+
+    def records(data: bytes) -> list[tuple[int, int, bytes]]:
+        return [(r.addr, r.flags, bytes(r.body)) for r in rs.page_records(rs.parse_stream(data))]
+
+    assert records(ahead) == records(plain)
+    assert {f & ~rs.CONT for _, f, _ in records(ahead)} == {rs.ZERO, rs.PAGEF, rs.COMPRESS}
+    dst = np.zeros_like(mem)
+    reg = savevm.PluginHost().new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", dst)]))
+    savevm.load_stream(QEMUFile(MemoryChannel(ahead)), reg)
+    assert np.array_equal(mem, dst)
+
+
+def test_a_page_written_while_its_batch_compresses_is_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's dirty bits are cleared before it is handed over, so a write meanwhile re-dirties it."""
+    from savevm_ram import compress
+
+    mem = _mixed_memory(2048, 3)
+    block = savevm_ram.RAMBlock("pc.ram", mem)
+    work = compress.CompressCodec._work
+    wrote: list[int] = []
+
+    def write_then_work(self: compress.CompressCodec, data: np.ndarray, lo: int, hi: int) -> list[bytes | None]:
+        if not wrote:  # the first share of the first batch: its snapshot is taken, its bits are clear
+            wrote.append(1)
+            block.write(10 * 4096, b"written while compressing " * 100)
+        return work(self, data, lo, hi)
+
+    monkeypatch.setattr(compress, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(compress.CompressCodec, "_work", write_then_work)
+    reg = savevm.PluginHost(savevm.MigrationConfig().set_capability("compress")).new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([block]))
+    ch = MemoryChannel()
+    f = QEMUFile(ch, writable=True)
+    save_stream(f, reg)
+    f.flush()
+    assert wrote
+    page10 = [r for r in rs.page_records(rs.parse_stream(ch.getvalue())) if r.addr == 10 * 4096]
+    assert len(page10) == 2, "sent once from the snapshot, once more after the write"
+    dst = np.zeros_like(mem)
+    reg = savevm.PluginHost().new_registry()
+    savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", dst)]))
+    savevm.load_stream(QEMUFile(MemoryChannel(ch.getvalue())), reg)
+    assert np.array_equal(mem, dst)
+
+
+class _FailingChannel(MemoryChannel):
+    """Accepts ``limit`` bytes, then the peer is gone."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def writev(self, bufs: Sequence[Buffer]) -> int:
+        if len(self.getvalue()) > self.limit:
+            raise BrokenPipeError("peer gone")
+        return super().writev(bufs)
+
+
+def test_a_failed_write_leaves_no_compress_thread_and_no_batch_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    mem = _mixed_memory(3000, 1)
+    with pytest.raises(savevm.MigrationError):
+        _save_with(mem, monkeypatch, overlaps=True, channel=_FailingChannel(1 << 20))
+    assert [t.name for t in threading.enumerate() if t.name.startswith("savevm-compress")] == []
+
+
+def test_every_page_taken_in_an_iteration_is_written_before_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No batch is left encoding across an iteration's end: what the bitmap gave up is in the stream."""
+    from savevm.save import StreamWriter
+    from savevm_ram import compress
+
+    monkeypatch.setattr(compress, "usable_cpus", lambda: 2)
+    mem = _mixed_memory(3000, 2)
+    reg = savevm.PluginHost(savevm.MigrationConfig().set_capability("compress")).new_registry()
+    h = savevm_ram.register_ram(reg, savevm_ram.RAMList([savevm_ram.RAMBlock("pc.ram", mem)]))
+    ch = MemoryChannel()
+    f = QEMUFile(ch, writable=True)
+    w = StreamWriter(f, reg)
+    w.header()
+    w.setup()
+    try:
+        for _ in range(3):
+            w.iterate()
+            f.flush()
+            data = ch.getvalue()
+            taken = h.saver.counters.target_pages
+            assert taken > 0
+            assert len(rs.page_records(rs.parse_stream(data + b"\x00"))) == taken  # + QEMU_VM_EOF
+    finally:
+        w.cleanup()

@@ -19,6 +19,7 @@ On the destination the codec reads its own body from the stream in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -66,6 +67,10 @@ class PageCodec:
     #: the migration capability that turns this codec on at the source (a third-party codec's
     #: plugin declares it through the core hook ``savevm_migration_capabilities``); None: never
     capability: str | None = None
+    #: the pipeline may keep one batch encoding (:meth:`submit_pages`) while it writes the
+    #: previous one.  Only for a codec whose answers do not depend on what it answered before
+    #: (compression yes, XBZRLE's cache no), and only when it is the only codec of the pass.
+    overlaps: bool = False
 
     # ------------------------------------------------------------ source
     def enabled(self, config: MigrationConfig) -> bool:
@@ -95,6 +100,20 @@ class PageCodec:
         the pages meanwhile changes nothing in it.
         """
         return [None] * len(pages)
+
+    def submit_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> Callable[[], list[PageResult]]:
+        """Start encoding a batch; the returned callable waits for and returns :meth:`encode_pages`'s answer.
+
+        The pipeline calls this instead of :meth:`encode_pages` for a codec
+        that :attr:`overlaps`, and writes the previous batch while this one
+        is encoded (QEMU's compression threads work the same way: the
+        migration thread hands pages over and collects what is done).  It
+        calls the returned callable exactly once, from the saving thread,
+        before the end of the iteration.  The default encodes at once.
+        """
+        res = self.encode_pages(rs, block, pages, data, last_stage)
+        return lambda: res
 
     def zero_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
         """These pages were just sent as zero pages."""

@@ -9,9 +9,12 @@ Both deflate libraries release the GIL while they work, but each call
 takes it back, and threads that outnumber the CPUs only queue for it: with
 8 threads on 2 CPUs a page cost 1.6x the CPU time of one thread, for no
 more pages per second.  So a batch is cut into one equal share per thread,
-``min(compress-threads, usable CPUs)`` of them, the saving thread taking
-one share itself (``benchmarks/bench_compress.py`` prints the cost per
-page).  The destination does the same with ``decompress-threads``.  Like
+``min(compress-threads, usable CPUs)`` of them (``benchmarks/bench_compress.py``
+prints the cost per page).  The shares go to the compress threads and the
+saving thread writes the previous batch meanwhile (:attr:`overlaps`, as
+QEMU's migration thread collects finished pages while its threads work):
+without that, the threads waited while each batch's records were built and
+written.  The destination cuts runs the same way with ``decompress-threads``.  Like
 QEMU, compression stops once XBZRLE takes over after the bulk stage
 (``save_page_use_compression``).
 
@@ -126,6 +129,7 @@ class CompressCodec(PageCodec):
     name = "compress"
     wire_flag = int(Flag.COMPRESS_PAGE)
     priority = 20
+    overlaps = True
 
     def __init__(self) -> None:
         self.level = 1
@@ -152,7 +156,9 @@ class CompressCodec(PageCodec):
                  running=self._shares)
         self.pages = self.compressed_size = 0
         if self._shares > 1:
-            self._pool = ThreadPoolExecutor(max_workers=self._shares - 1, thread_name_prefix="savevm-compress")
+            # one worker per share: the saving thread computes a share itself only in encode_pages;
+            # with submit_pages every share is a worker's while the saving thread writes
+            self._pool = ThreadPoolExecutor(max_workers=self._shares, thread_name_prefix="savevm-compress")
 
     def active(self, rs: RAMState) -> bool:
         # once XBZRLE is enabled (after the first round) compression stops
@@ -161,19 +167,38 @@ class CompressCodec(PageCodec):
     def encode_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
                      last_stage: bool) -> list[PageResult]:
         n = len(pages)
-        compress = self._compress
-
-        def work(lo: int, hi: int) -> list[bytes | None]:
-            return [compress_page(data[i], compress) for i in range(lo, hi)]
-
         if self._pool is None or n <= BATCH:
-            out = work(0, n)
-        else:
-            step = -(-n // self._shares)
-            futs = [self._pool.submit(work, lo, min(lo + step, n)) for lo in range(step, n, step)]
-            out = work(0, step)
+            return self._count(self._work(data, 0, n))
+        step = -(-n // self._shares)
+        futs = [self._pool.submit(self._work, data, lo, min(lo + step, n)) for lo in range(step, n, step)]
+        out = self._work(data, 0, step)
+        for fut in futs:
+            out.extend(fut.result())
+        return self._count(out)
+
+    def submit_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
+                     last_stage: bool) -> Callable[[], list[PageResult]]:
+        """Every share goes to the pool, so the saving thread is free to write the previous batch."""
+        n = len(pages)
+        pool = self._pool
+        if pool is None or n <= BATCH:
+            return super().submit_pages(rs, block, pages, data, last_stage)
+        step = -(-n // self._shares)
+        futs = [pool.submit(self._work, data, lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+        def collect() -> list[PageResult]:
+            out: list[bytes | None] = []
             for fut in futs:
                 out.extend(fut.result())
+            return self._count(out)
+
+        return collect
+
+    def _work(self, data: np.ndarray, lo: int, hi: int) -> list[bytes | None]:
+        compress = self._compress
+        return [compress_page(data[i], compress) for i in range(lo, hi)]
+
+    def _count(self, out: list[bytes | None]) -> list[PageResult]:
         done = [b for b in out if b is not None]
         self.pages += len(done)
         self.compressed_size += sum(len(b) - 4 for b in done)

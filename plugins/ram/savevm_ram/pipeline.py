@@ -21,12 +21,13 @@ are expected to cost on the wire is priced from those counts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
-from savevm_ram.codecs import SKIP, NormalFrom, PageCodec
+from savevm_ram.codecs import SKIP, NormalFrom, PageCodec, PageResult
 from savevm_ram.estimate import SentTally
 from savevm_ram.search import MAX_BATCH_PAGES
 from savevm_ram.wire import (
@@ -92,6 +93,15 @@ def zero_pages(data: np.ndarray) -> np.ndarray:
     return cand
 
 
+@attrs.define
+class _Pending:
+    """A batch handed to an overlapping codec, waiting to be written."""
+
+    batch: Batch
+    last_stage: bool
+    wait: Callable[[], list[PageResult]]
+
+
 class PagePipeline:
     """Turns batches of dirty pages into records on a QEMUFile (source side)."""
 
@@ -114,6 +124,8 @@ class PagePipeline:
         self.tally = SentTally()
         #: packed (header + page) records of one batch; reused, flushed per batch
         self._scratch = np.empty((MAX_BATCH_PAGES, PAGE_RECORD_SIZE), dtype=np.uint8)
+        #: the batch an overlapping codec is encoding, written by the next save() or drain()
+        self._pending: _Pending | None = None
 
     def start(self, codecs: list[PageCodec]) -> None:
         """A migration begins with these codecs enabled."""
@@ -131,9 +143,29 @@ class PagePipeline:
 
     # ------------------------------------------------------------ entry
     def save(self, f: QEMUFile, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
-        """Send a batch found by the page search."""
+        """Send a batch found by the page search.
+
+        With an overlapping codec (compression) alone in the pass, the batch
+        is handed to the codec and the previous one written meanwhile, so the
+        codec's threads never wait for the writing; its records reach ``f``
+        in order, at the next call or at :meth:`drain`.
+        """
         n = len(pages)
         contiguous = int(pages[-1]) - int(pages[0]) == n - 1
+        if not self.pages_claimed and self.codecs:
+            batch = self.prepare(block, pages, contiguous)
+            codecs = batch.codecs
+            if len(codecs) == 1 and codecs[0].overlaps:
+                todo = np.flatnonzero(~batch.zero)
+                # data[todo] is a copy (fancy indexing): the snapshot the codec is promised
+                wait = codecs[0].submit_pages(self.rs, block, pages[todo], batch.data[todo], last_stage)
+                self.drain(f)
+                self._pending = _Pending(batch, last_stage, wait)
+                return
+            self.drain(f)
+            self.emit(f, batch, last_stage)
+            return
+        self.drain(f)
         if self.pages_claimed and self.hooks.has_save_page:
             # transports take contiguous ranges, as ram_control_save_page does
             cuts = [] if contiguous else (np.flatnonzero(np.diff(pages) != 1) + 1).tolist()
@@ -157,6 +189,18 @@ class PagePipeline:
             self.tally.add("transport", n, nbytes)
             return
         self.emit(f, self._examine(block, pages, True), last_stage)
+
+    def drain(self, f: QEMUFile) -> None:
+        """Write the batch an overlapping codec is encoding, if any (the end of every iteration)."""
+        p = self._pending
+        if p is None:
+            return
+        self._pending = None
+        self._emit_codecs(f, p.batch, p.last_stage, p.wait())
+
+    def discard(self) -> None:
+        """Forget a batch still encoding (the migration failed; its pages are not sent)."""
+        self._pending = None
 
     # ------------------------------------------------------------ step 1
     def prepare(self, block: RAMBlock, pages: np.ndarray, contiguous: bool) -> Batch:
@@ -246,7 +290,8 @@ class PagePipeline:
         f.put_iovecs(parts, nbytes)
         f.flush()  # the scratch buffer is reused by the next batch
 
-    def _emit_codecs(self, f: QEMUFile, batch: Batch, last_stage: bool) -> None:
+    def _emit_codecs(self, f: QEMUFile, batch: Batch, last_stage: bool,
+                     first: list[PageResult] | None = None) -> None:
         """The general pipeline: zero → codecs in order → normal page.
 
         Per page there is only what cannot be vectorised: sorting out each
@@ -254,7 +299,8 @@ class PagePipeline:
         headers and the byte counts are numpy operations over the batch, and
         the records go out as one buffer: XBZRLE records are ~20 bytes, and
         two iovecs per page cost more than copying them (and the occasional
-        4 KiB page) once.
+        4 KiB page) once.  ``first`` is the first codec's answer when it was
+        encoded ahead (:meth:`save`).
         """
         b, pages, data, zero, codecs = batch.block, batch.pages, batch.data, batch.zero, batch.codecs
         n = len(pages)
@@ -268,8 +314,11 @@ class PagePipeline:
         for ci, c in enumerate(codecs):
             if todo.size == 0:
                 break
-            # data[todo] is a copy (fancy indexing): the snapshot codecs are promised
-            res = c.encode_pages(self.rs, b, pages[todo], data[todo], last_stage)
+            if ci == 0 and first is not None:
+                res = first
+            else:
+                # data[todo] is a copy (fancy indexing): the snapshot codecs are promised
+                res = c.encode_pages(self.rs, b, pages[todo], data[todo], last_stage)
             ext_id = self.ext_ids.get(id(c))
             keep: list[int] = []
             mine: list[int] = []

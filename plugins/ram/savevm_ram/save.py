@@ -123,6 +123,7 @@ class RAMSaver:
             pipeline.save(f, search.blocks[bi], pages, last_stage=False)
             if time.monotonic() - t0 > MAX_WAIT:
                 break
+        pipeline.drain(f)
         self.hooks.after_iterate(self.rs, f, RAM_CONTROL_ROUND)
         f.put_be64(Flag.EOS)
         f.flush()
@@ -145,6 +146,7 @@ class RAMSaver:
         while (found := search.find_dirty_batch()) is not None:
             bi, pages = found
             pipeline.save(f, search.blocks[bi], pages, last_stage=True)
+        pipeline.drain(f)
         self.hooks.after_iterate(self.rs, f, RAM_CONTROL_FINISH)
         f.put_be64(Flag.EOS)
         f.flush()
@@ -169,6 +171,7 @@ class RAMSaver:
 
     def cleanup(self) -> None:
         """Logging off and codecs released, whatever the outcome."""
+        self.pipeline.discard()
         self.bitmap.stop()
         for c in self.codecs:
             c.save_cleanup(self.rs)
