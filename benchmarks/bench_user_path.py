@@ -25,6 +25,9 @@ Rows:
 * ``rdma`` -- the same random pages over ``rdma:`` (rdma_stub), beside the tcp row;
 * ``compress`` -- ``--fill text`` (English-like text) with ``--capability compress``: GiB/s of RAM
   and bytes on the wire per byte of RAM;
+* ``qemu`` -- (with ``compress``) the same memory migrated by QEMU 7.2 to QEMU with ``compress``
+  and its default 8 threads, in the same run: the baseline the compress target was set against,
+  which moves with this machine's load as much as savevm's figure does (skipped without QEMU);
 * ``prealloc`` -- the random row with ``savevm incoming --mem-prealloc`` (the destination faults
   all of its memory in and keeps it);
 * ``noprefault`` -- the random (and, with ``rdma``, the rdma) row with ``savevm incoming
@@ -41,6 +44,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -184,6 +188,51 @@ def cli_migration(size: int, fill: str, scheme: str = "tcp", capabilities: tuple
             "dest": d}
 
 
+# ----------------------------------------------------------------------------- QEMU, the same run
+def qemu_compress(size: int, threads: int = 8) -> dict[str, Any] | None:
+    """QEMU -> QEMU over tcp loopback with ``compress`` on the demo's text; None without QEMU.
+
+    The source's RAM is a ``memory-backend-file`` on /dev/shm holding exactly
+    what ``savevm_ram.demo`` fills its block with (``--fill text``, seed 1),
+    the destination's a fresh ``memory-backend-ram``: both paused (``-S``),
+    so nothing dirties.  QEMU's defaults otherwise (``compress-level`` 1,
+    ``decompress-threads`` 2), ``max-bandwidth`` 0; the time is the source's
+    ``total-time``.  The destination's memory is QEMU's to check, not ours.
+    """
+    sys.path.insert(0, str(_ROOT / "tests" / "qemu"))
+    import harness  # the test suite's QEMU driver (QMP over a unix socket)
+
+    from savevm_ram.demo import _fill
+
+    if harness.find_qemu() is None:
+        return None
+    fd, path = tempfile.mkstemp(prefix="savevm-bench-ram-", dir="/dev/shm")
+    os.close(fd)
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+        _fill(mm, "text", 1)
+        mm.flush()
+        del mm
+        backend = ["-machine", "memory-backend=ram0"]
+        src_mem = ["-object", f"memory-backend-file,id=ram0,size={size},mem-path={path},share=on", *backend]
+        dst_mem = ["-object", f"memory-backend-ram,id=ram0,size={size}", *backend]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        mem = f"{size // 2**20}M"
+        with harness.QemuProcess(memory=mem, extra_args=src_mem) as src, \
+                harness.QemuProcess(memory=mem, incoming="defer", extra_args=dst_mem) as dst:
+            for vm in (src, dst):
+                vm.set_capabilities(compress=True)
+            src.set_parameters(max_bandwidth=0, compress_threads=threads)
+            dst.migrate_incoming(f"tcp:127.0.0.1:{port}")
+            info = src.migrate(f"tcp:127.0.0.1:{port}", timeout=900)
+            dst.wait_incoming_done(timeout=60)
+        return {"seconds": info["total-time"] / 1000, "transferred": info["ram"]["transferred"], "rss_growth": 0}
+    finally:
+        os.unlink(path)
+
+
 def _median_runs(fn: Any, runs: int) -> list[Any]:
     return [fn() for _ in range(runs)]
 
@@ -192,8 +241,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G", help="RAM (and plain copy) size, default 1G")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure, medians reported (default 3)")
-    ap.add_argument("--rows", default="random,zero,rdma,compress,prealloc,noprefault",
-                    help="comma list of random,zero,rdma,compress,prealloc,noprefault")
+    ap.add_argument("--rows", default="random,zero,rdma,compress,qemu,prealloc,noprefault",
+                    help="comma list of random,zero,rdma,compress,qemu,prealloc,noprefault")
     ap.add_argument("--role", help=argparse.SUPPRESS)
     ap.add_argument("--uri", help=argparse.SUPPRESS)
     ap.add_argument("--reused", action="store_true", help=argparse.SUPPRESS)
@@ -263,6 +312,16 @@ def main() -> None:
         ok = gib / sec >= TARGET_COMPRESS_GIBPS and wire <= TARGET_COMPRESS_WIRE
         verdicts.append(f"compress: {gib / sec:.3f} GiB/s, wire/RAM {wire:.3f} (targets >= {TARGET_COMPRESS_GIBPS}"
                         f" GiB/s, <= {TARGET_COMPRESS_WIRE}) {'MET' if ok else 'NOT MET'}")
+        if "qemu" in rows:
+            q = [qemu_compress(size) for _ in range(runs)]
+            if None in q:
+                verdicts.append("QEMU row skipped: qemu-system-x86_64 is not on PATH")
+            else:
+                qsec = row("QEMU 7.2 text, tcp, compress (8 threads)", q, None, "")  # type: ignore[arg-type]
+                table[-1] = (*table[-1][:4], "", f"savevm {qsec / sec:.2f}x QEMU")
+                verdicts.append(f"compress against QEMU in this run: savevm {qsec / sec:.2f}x QEMU's "
+                                f"{gib / qsec:.3f} GiB/s (the target's {TARGET_COMPRESS_GIBPS} GiB/s is 2x the "
+                                f"{TARGET_COMPRESS_GIBPS / 2} GiB/s QEMU reached when it was set)")
     head = ("what", "seconds", "GiB/s", "wire/RAM", "dest RSS +MiB", "ratio")
     widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head))]
     for r in [head, *table]:
