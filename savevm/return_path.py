@@ -190,7 +190,7 @@ class SourceReturnPath:
                     return None
                 raise ChannelError(f"return path: receive failed: {exc}") from exc
             if not chunk:
-                if buf:
+                if buf and not (self.stopping or self._cancel.is_set()):
                     raise CorruptStreamError(f"return path: connection closed inside a message ({len(buf)} of {n})")
                 return None
             buf += chunk
@@ -206,6 +206,8 @@ class SourceReturnPath:
                 t = check_message(kind, n, extensions=bool(self.savevm_peer))
                 body = self._recv_exact(n) if n else b""
                 if body is None:
+                    if self.stopping or self._cancel.is_set():
+                        break  # the migration closed the socket under a message it no longer waits for
                     raise CorruptStreamError(f"return path: connection closed inside {t.name}")
                 self._dispatch(t, body)
                 if t == RPMessage.SHUT:

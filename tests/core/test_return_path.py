@@ -116,3 +116,30 @@ def test_destination_writes_nothing_to_a_source_that_opened_no_return_path() -> 
     a.settimeout(5)
     assert a.recv(100) == b""  # EOF: not one byte came back
     a.close()
+
+
+def test_closing_under_a_half_read_message_after_the_migration_ended_is_no_error() -> None:
+    """The migration closes its socket once it is over; a message cut by that close is not a fault.
+
+    (A completed migration logged ``source_return_path_thread_error`` when the
+    close came between a SHUT's header and its body.)
+    """
+    a, b = _pair()
+    src = SourceReturnPath(a, threading.Event())
+    src.start()
+    b.sendall(frame(RPMessage.SHUT, struct.pack(">I", 0))[:4])  # the header only
+    assert not src.wait(lambda: src.shut is not None, 0.2)
+    src.stopping = True
+    a.shutdown(socket.SHUT_RDWR)
+    src.join(5)
+    assert src.closed and src.error is None
+    a.close(), b.close()
+    # before the migration is over, the same cut is a fault
+    a, b = _pair()
+    src = SourceReturnPath(a, threading.Event())
+    src.start()
+    b.sendall(frame(RPMessage.SHUT, struct.pack(">I", 0))[:4])
+    b.close()
+    src.join(5)
+    assert isinstance(src.error, CorruptStreamError)
+    a.close()
