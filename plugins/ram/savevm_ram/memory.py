@@ -36,6 +36,7 @@ import ctypes.util
 import functools
 import mmap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -183,6 +184,7 @@ class Prefaulter:
         self._thread.start()
 
     def _run(self) -> None:
+        t0 = time.monotonic()
         try:
             if self._use_fallback:
                 assert self._fallback is not None
@@ -199,7 +201,9 @@ class Prefaulter:
                     elif not populate(host, a, n):
                         continue  # memory the kernel will not populate: the load's copy faults it
                     self.faulted += n
-            log.info("ram_mem_prealloc_done", bytes=self.faulted, populate=not self.exclusive)
+            # the thread's name tells which memory (a block prefaulted while waiting, an rdma region, ...)
+            log.info("ram_mem_prealloc_done", thread=self._thread.name, bytes=self.faulted,
+                     populate=not self.exclusive, ms=round((time.monotonic() - t0) * 1000, 1))
         finally:
             self._jobs = []  # hold no memory alive: a block may have moved onto other memory since
             self._done.set()
