@@ -13,6 +13,9 @@ acknowledgement of the handover), the destination's RSS growth is what its progr
 (``rss-growth-bytes``: resident memory after the load minus before it), and every run is
 verified: the sha256 of every block and of the device must match on both sides.
 
+The ``runs`` column is the fastest and the slowest of the runs behind each median: on a shared
+machine the spread says as much as the median does.
+
 Baselines, measured in the same run with the same socket set-up: a plain Python copy of
 ``--size`` bytes between two fresh processes (1 MiB ``sendall`` -> ``recv_into``, then a 1-byte
 acknowledgement), once into a freshly allocated receive buffer (``np.empty``: numpy asks for
@@ -259,19 +262,28 @@ def main() -> None:
     load0 = os.getloadavg()
     print(f"savevm on the user's path: two fresh processes through the CLI, {gib:g} GiB, tcp loopback unless "
           f"named, median of {runs}; {os.cpu_count()} CPUs, load average {load0[0]:.2f} {load0[1]:.2f}", flush=True)
-    fresh = statistics.median(plain_copy(size, False) for _ in range(runs))
-    reused = statistics.median(plain_copy(size, True) for _ in range(runs))
+    fresh_runs = [plain_copy(size, False) for _ in range(runs)]
+    reused_runs = [plain_copy(size, True) for _ in range(runs)]
+    fresh, reused = statistics.median(fresh_runs), statistics.median(reused_runs)
     table: list[tuple[str, ...]] = []
     verdicts: list[str] = []
-    table.append(("plain socket copy, fresh buffer", f"{fresh:.3f}", f"{gib / fresh:.2f}", "", "", ""))
-    table.append(("plain socket copy, reused buffer", f"{reused:.3f}", f"{gib / reused:.2f}", "", "", ""))
+
+    def spread(secs: list[float]) -> str:
+        """Every run's seconds: on a shared machine the spread says as much as the median."""
+        return f"{min(secs):.3f}-{max(secs):.3f}" if len(secs) > 1 else ""
+
+    table.append(("plain socket copy, fresh buffer", f"{fresh:.3f}", spread(fresh_runs), f"{gib / fresh:.2f}", "",
+                  "", ""))
+    table.append(("plain socket copy, reused buffer", f"{reused:.3f}", spread(reused_runs), f"{gib / reused:.2f}",
+                  "", "", ""))
 
     def row(name: str, results: list[dict[str, Any]], vs: float | None, vs_name: str) -> float:
         sec = statistics.median(r["seconds"] for r in results)
         rss = statistics.median(r["rss_growth"] for r in results)
         wire = statistics.median(r["transferred"] for r in results) / size
         ratio = f"{vs / sec:.2f} of {vs_name}" if vs else ""
-        table.append((name, f"{sec:.3f}", f"{gib / sec:.2f}", f"{wire:.3f}", f"{rss / 2**20:.0f}", ratio))
+        table.append((name, f"{sec:.3f}", spread([r["seconds"] for r in results]), f"{gib / sec:.2f}", f"{wire:.3f}",
+                      f"{rss / 2**20:.0f}", ratio))
         return sec
 
     tcp_random = None
@@ -318,11 +330,11 @@ def main() -> None:
                 verdicts.append("QEMU row skipped: qemu-system-x86_64 is not on PATH")
             else:
                 qsec = row("QEMU 7.2 text, tcp, compress (8 threads)", q, None, "")  # type: ignore[arg-type]
-                table[-1] = (*table[-1][:4], "", f"savevm {qsec / sec:.2f}x QEMU")
+                table[-1] = (*table[-1][:5], "", f"savevm {qsec / sec:.2f}x QEMU")
                 verdicts.append(f"compress against QEMU in this run: savevm {qsec / sec:.2f}x QEMU's "
                                 f"{gib / qsec:.3f} GiB/s (the target's {TARGET_COMPRESS_GIBPS} GiB/s is 2x the "
                                 f"{TARGET_COMPRESS_GIBPS / 2} GiB/s QEMU reached when it was set)")
-    head = ("what", "seconds", "GiB/s", "wire/RAM", "dest RSS +MiB", "ratio")
+    head = ("what", "seconds", "runs", "GiB/s", "wire/RAM", "dest RSS +MiB", "ratio")
     widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head))]
     for r in [head, *table]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
