@@ -373,12 +373,17 @@ def test_a_page_written_while_its_batch_compresses_is_sent_again(monkeypatch: py
 
     mem = _mixed_memory(2048, 3)
     block = savevm_ram.RAMBlock("pc.ram", mem)
+    import threading
+
     work = compress.CompressCodec._work
     wrote: list[int] = []
+    once = threading.Lock()
 
     def write_then_work(self: compress.CompressCodec, data: np.ndarray, lo: int, hi: int) -> list[bytes | None]:
-        if not wrote:  # the first share of the first batch: its snapshot is taken, its bits are clear
+        with once:  # the first share to start (of the first batch: its snapshot is taken, its bits are clear)
+            first = not wrote
             wrote.append(1)
+        if first:
             block.write(10 * 4096, b"written while compressing " * 100)
         return work(self, data, lo, hi)
 
