@@ -279,14 +279,31 @@ class DirtyBitmap:
         return self.bitmaps[b.idstr]
 
     def clear(self, b: RAMBlock, first: int, count: int) -> None:
-        """Clear bits that were just sent (they are known set)."""
+        """Clear bits of pages about to be sent (they are known set).
+
+        A compared block's shadow takes the pages' content here, before
+        they are read for sending: the next sync must compare against what
+        the destination got, not against the last sync.  Otherwise a page
+        changed after that sync, sent, and changed back before the next one
+        would read as clean while the destination holds the changed copy.
+        A write after this copy is found by the next sync (and sent again if
+        it was already in what was sent).
+        """
         self.bitmaps[b.idstr][first : first + count] = False
         self.dirty_pages -= count
+        shadow = self._shadows.get(b.idstr)
+        if shadow is not None:
+            a, z = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+            shadow[a:z] = b.host[a:z]
 
     def clear_pages(self, b: RAMBlock, pages: np.ndarray) -> None:
-        """Clear the bits of pages just sent (known set), by index."""
+        """Clear the bits of pages about to be sent (known set), by index; see :meth:`clear`."""
         self.bitmaps[b.idstr][pages] = False
         self.dirty_pages -= len(pages)
+        shadow = self._shadows.get(b.idstr)
+        if shadow is not None:
+            n = b.pages * PAGE_SIZE
+            shadow[:n].reshape(-1, PAGE_SIZE)[pages] = b.host[:n].reshape(-1, PAGE_SIZE)[pages]
 
     @property
     def remaining_bytes(self) -> int:
