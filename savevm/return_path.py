@@ -175,6 +175,10 @@ class SourceReturnPath:
         self._thread = threading.Thread(target=self._run, name="savevm-return-path", daemon=True)
         self._thread.start()
 
+    def _ending(self) -> bool:
+        """The migration is over or cancelled: a socket closed under a read is its own doing."""
+        return self.stopping or self._cancel.is_set()
+
     def _recv_exact(self, n: int) -> bytes | None:
         buf = bytearray()
         while len(buf) < n:
@@ -186,11 +190,11 @@ class SourceReturnPath:
                     return None
                 continue
             except OSError as exc:
-                if self._cancel.is_set() or self.stopping:
+                if self._ending():
                     return None
                 raise ChannelError(f"return path: receive failed: {exc}") from exc
             if not chunk:
-                if buf and not (self.stopping or self._cancel.is_set()):
+                if buf and not self._ending():
                     raise CorruptStreamError(f"return path: connection closed inside a message ({len(buf)} of {n})")
                 return None
             buf += chunk
@@ -206,7 +210,7 @@ class SourceReturnPath:
                 t = check_message(kind, n, extensions=bool(self.savevm_peer))
                 body = self._recv_exact(n) if n else b""
                 if body is None:
-                    if self.stopping or self._cancel.is_set():
+                    if self._ending():
                         break  # the migration closed the socket under a message it no longer waits for
                     raise CorruptStreamError(f"return path: connection closed inside {t.name}")
                 self._dispatch(t, body)

@@ -156,8 +156,7 @@ class CompressCodec(PageCodec):
                  running=self._shares)
         self.pages = self.compressed_size = 0
         if self._shares > 1:
-            # one worker per share: the saving thread computes a share itself only in encode_pages;
-            # with submit_pages every share is a worker's while the saving thread writes
+            # one worker per share: the saving thread writes the previous batch meanwhile
             self._pool = ThreadPoolExecutor(max_workers=self._shares, thread_name_prefix="savevm-compress")
 
     def active(self, rs: RAMState) -> bool:
@@ -166,15 +165,7 @@ class CompressCodec(PageCodec):
 
     def encode_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
                      last_stage: bool) -> list[PageResult]:
-        n = len(pages)
-        if self._pool is None or n <= BATCH:
-            return self._count(self._work(data, 0, n))
-        step = -(-n // self._shares)
-        futs = [self._pool.submit(self._work, data, lo, min(lo + step, n)) for lo in range(step, n, step)]
-        out = self._work(data, 0, step)
-        for fut in futs:
-            out.extend(fut.result())
-        return self._count(out)
+        return self.submit_pages(rs, block, pages, data, last_stage)()
 
     def submit_pages(self, rs: RAMState, block: RAMBlock, pages: np.ndarray, data: np.ndarray,
                      last_stage: bool) -> Callable[[], list[PageResult]]:
@@ -182,7 +173,8 @@ class CompressCodec(PageCodec):
         n = len(pages)
         pool = self._pool
         if pool is None or n <= BATCH:
-            return super().submit_pages(rs, block, pages, data, last_stage)
+            out = self._count(self._work(data, 0, n))
+            return lambda: out
         step = -(-n // self._shares)
         futs = [pool.submit(self._work, data, lo, min(lo + step, n)) for lo in range(0, n, step)]
 

@@ -152,27 +152,24 @@ class PagePipeline:
         """
         n = len(pages)
         contiguous = int(pages[-1]) - int(pages[0]) == n - 1
-        if not self.pages_claimed and self.codecs:
-            batch = self.prepare(block, pages, contiguous)
-            codecs = batch.codecs
-            if len(codecs) == 1 and codecs[0].overlaps:
-                todo = np.flatnonzero(~batch.zero)
-                # data[todo] is a copy (fancy indexing): the snapshot the codec is promised
-                wait = codecs[0].submit_pages(self.rs, block, pages[todo], batch.data[todo], last_stage)
-                self.drain(f)
-                self._pending = _Pending(batch, last_stage, wait)
-                return
-            self.drain(f)
-            self.emit(f, batch, last_stage)
-            return
-        self.drain(f)
         if self.pages_claimed and self.hooks.has_save_page:
+            self.drain(f)
             # transports take contiguous ranges, as ram_control_save_page does
             cuts = [] if contiguous else (np.flatnonzero(np.diff(pages) != 1) + 1).tolist()
             for lo, hi in zip([0, *cuts], [*cuts, n]):
                 self._offer(f, block, pages[lo:hi], last_stage)
             return
-        self.emit(f, self.prepare(block, pages, contiguous), last_stage)
+        batch = self.prepare(block, pages, contiguous)
+        codecs = batch.codecs
+        if len(codecs) == 1 and codecs[0].overlaps and not self.pages_claimed:
+            todo = np.flatnonzero(~batch.zero)
+            # data[todo] is a copy (fancy indexing): the snapshot the codec is promised
+            wait = codecs[0].submit_pages(self.rs, block, pages[todo], batch.data[todo], last_stage)
+            self.drain(f)
+            self._pending = _Pending(batch, last_stage, wait)
+            return
+        self.drain(f)
+        self.emit(f, batch, last_stage)
 
     def _offer(self, f: QEMUFile, block: RAMBlock, pages: np.ndarray, last_stage: bool) -> None:
         """One contiguous run: a claiming transport may take it, else the normal path."""
